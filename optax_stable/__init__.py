@@ -1,0 +1,39 @@
+"""optax_stable: composable Optax transforms that keep training stable."""
+
+from optax_stable import policies
+from optax_stable import scopes
+from optax_stable.clipping import AdaptiveGradClipState
+from optax_stable.clipping import ClipByGlobalNormState
+from optax_stable.clipping import ClipByNormState
+from optax_stable.clipping import ClipState
+from optax_stable.clipping import adaptive_grad_clip
+from optax_stable.clipping import clip
+from optax_stable.clipping import clip_by_global_norm
+from optax_stable.clipping import clip_by_norm
+from optax_stable.guards import SkipNonfiniteState
+from optax_stable.guards import skip_nonfinite
+from optax_stable.paths import path_mask
+from optax_stable.paths import path_str
+from optax_stable.policies import ThresholdPolicy
+from optax_stable.telemetry import stats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdaptiveGradClipState",
+    "ClipByGlobalNormState",
+    "ClipByNormState",
+    "ClipState",
+    "SkipNonfiniteState",
+    "ThresholdPolicy",
+    "adaptive_grad_clip",
+    "clip",
+    "clip_by_global_norm",
+    "clip_by_norm",
+    "path_mask",
+    "path_str",
+    "policies",
+    "scopes",
+    "skip_nonfinite",
+    "stats",
+]

@@ -1,0 +1,43 @@
+"""Construction-time checks of hyperparameters.
+
+Hyperparameters may arrive as Python numbers, concrete arrays, or tracers (when a factory is
+called by `optax.inject_hyperparams` inside `jit`). Only concrete values can be checked; traced
+ones were checked when they were concrete, or are the user's responsibility.
+"""
+
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def _concrete_value(value: Any) -> float | None:
+  if isinstance(value, jax.core.Tracer) or callable(value):
+    return None
+  array = np.asarray(value)
+  if array.size != 1:
+    return None
+  return float(array.reshape(()))
+
+
+def check_positive(name: str, value: Any) -> None:
+  """Raises a `ValueError` naming `name` unless `value` is > 0 (or not concrete)."""
+  number = _concrete_value(value)
+  if number is not None and not number > 0:
+    raise ValueError(f"`{name}` must be > 0, got {value!r}.")
+
+
+def check_non_negative(name: str, value: Any) -> None:
+  """Raises a `ValueError` naming `name` unless `value` is >= 0 (or not concrete)."""
+  number = _concrete_value(value)
+  if number is not None and not number >= 0:
+    raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
+  """Raises a `ValueError` naming `name` unless `value` is an integer >= 1."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+    allowed = "an integer >= 1" + (" or None" if allow_none else "")
+    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")

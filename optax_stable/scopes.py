@@ -1,0 +1,240 @@
+"""Where a norm is measured: how the leaves of a gradient tree are grouped.
+
+A scope splits a tree into groups, each with one L2 norm:
+
+* `"global"`: the whole tree is one group.
+* `"layer"`: leaves grouped by their parent path (`"params/Dense_0/kernel"` and
+  `"params/Dense_0/bias"` form the group `"params/Dense_0"`): one group per Flax module.
+* `"leaf"`: every leaf is its own group.
+* `"unit"`: every output unit of every leaf is its own group. Flax layout, output axis last: a
+  Dense kernel `(in, out)` has `out` units, a Conv kernel `(h, w, in, out)` too; leaves of rank
+  <= 1 (biases, norm scales) are one unit each. This is the unit of AGC (Brock et al. 2021).
+* a callable `(path, leaf) -> label`: leaves with equal labels form a group.
+
+Scanned models (`nn.scan`, `nnx.scan`) keep all layers of a stack in one leaf with a leading
+layer axis. `stacked` names such leaves (regexes over paths, or a dict regex -> axis); every
+slice along that axis then counts as its own layer, so scopes `"layer"`, `"leaf"`, `"unit"` and
+callables group a scanned model exactly as the same model unrolled. (`"global"` ignores it.)
+
+Leaves whose dtype is not floating point (step counters, integer buffers) and leaves matched by
+`exclude` belong to no group: their norms are not measured and they pass through untouched.
+
+All group norms of a tree are laid out in one float32 vector, so a threshold policy sees one
+array whatever the scope. A tree's norms take one read of every leaf, in float32 whatever the
+leaf's dtype; a sum of squares that overflows float32 (elements above ~1e19) is recomputed with
+per-group rescaling, on that step only.
+"""
+
+from collections.abc import Callable, Mapping, Sequence
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from optax_stable import paths
+
+Scope = str | Callable[[str, jax.Array], str]
+Stacked = str | Sequence[str] | Mapping[str, int] | None
+
+SCOPES = ("global", "layer", "leaf", "unit")
+
+
+@dataclasses.dataclass(frozen=True)
+class _LeafPlan:
+  """How one leaf contributes to the norm vector (static; computed at trace time)."""
+
+  group: int
+  reduce_axes: tuple[int, ...]  # axes summed away; the rest index the leaf's sub-groups
+  kept_shape: tuple[int, ...]  # leaf shape with reduced axes set to 1 (for broadcasting)
+
+
+class Partition:
+  """The groups of one tree structure under a scope: computes norms and scales by group.
+
+  Built by `Grouping.partition(tree)`. Norm vectors are float32 with one entry per group (a
+  group spanning a stacked axis of size L or `u` output units has L or `u` entries).
+  """
+
+  def __init__(self, treedef: Any, plans: list[_LeafPlan | None], group_sizes: list[int],
+               group_labels: list[str]):
+    self.treedef = treedef
+    self.plans = plans
+    self.group_labels = group_labels
+    self.group_sizes = group_sizes
+    self.offsets = [sum(group_sizes[:i]) for i in range(len(group_sizes))]
+    self.size = sum(group_sizes)
+
+  def _leaves(self, tree: Any, what: str) -> list[Any]:
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    if treedef != self.treedef:
+      raise ValueError(
+          f"The structure of `{what}` does not match the gradient tree: expected {self.treedef}, "
+          f"got {treedef}.")
+    return leaves
+
+  def _combine(self, per_leaf: list[jax.Array | None], reduce: Callable) -> jax.Array:
+    """Reduces per-leaf statistics into the flat float32 vector of group statistics."""
+    members: list[list[jax.Array]] = [[] for _ in self.group_sizes]
+    for plan, stat in zip(self.plans, per_leaf):
+      if plan is not None:
+        members[plan.group].append(stat)
+    if not members:
+      return jnp.zeros((0,), jnp.float32)
+    pieces = [reduce(jnp.stack(stats), axis=0).reshape(-1) for stats in members]
+    return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+  def _leaf_stats(self, leaves: list[Any], stat: Callable) -> list[jax.Array | None]:
+    stats = []
+    for plan, leaf in zip(self.plans, leaves):
+      if plan is None:
+        stats.append(None)
+      else:
+        stats.append(stat(leaf, plan))
+    return stats
+
+  def _group_values(self, vector: jax.Array, plan: _LeafPlan) -> jax.Array:
+    """The entries of `vector` that belong to `plan`'s leaf, shaped to broadcast against it."""
+    start = self.offsets[plan.group]
+    values = vector[start:start + self.group_sizes[plan.group]]
+    return values.reshape(plan.kept_shape)
+
+  def norms(self, tree: Any, what: str = "updates") -> jax.Array:
+    """Float32 L2 norm of every group of `tree`, as one vector (one read of every leaf)."""
+    leaves = self._leaves(tree, what)
+
+    def sum_squares(leaf, plan):
+      return jnp.sum(_abs_sq(leaf), axis=plan.reduce_axes)
+
+    squares = self._combine(self._leaf_stats(leaves, sum_squares), jnp.sum)
+
+    def rescaled_norms():
+      # Only reached when a sum of squares overflowed (or the tree holds NaN/Inf).
+      def max_abs(leaf, plan):
+        return jnp.max(jnp.abs(leaf).astype(jnp.float32), axis=plan.reduce_axes)
+
+      scales = self._combine(self._leaf_stats(leaves, max_abs), jnp.max)
+      scales = jnp.where(scales > 0, scales, 1.0)
+
+      def scaled_squares(leaf, plan):
+        scaled = leaf.astype(_compute_dtype(leaf)) / self._group_values(scales, plan)
+        return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
+
+      return scales * jnp.sqrt(self._combine(self._leaf_stats(leaves, scaled_squares), jnp.sum))
+
+    return jax.lax.cond(jnp.all(jnp.isfinite(squares)), lambda: jnp.sqrt(squares),
+                        rescaled_norms)
+
+  def scale(self, tree: Any, factors: jax.Array) -> Any:
+    """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
+
+    The product is taken in (at least) float32 and cast back to the leaf's dtype, so a factor of exactly
+    1.0 leaves a group bit-for-bit unchanged.
+    """
+    leaves = self._leaves(tree, "updates")
+    scaled = []
+    for plan, leaf in zip(self.plans, leaves):
+      if plan is None:
+        scaled.append(leaf)
+      else:
+        factor = self._group_values(factors, plan)
+        scaled.append((leaf.astype(_compute_dtype(leaf)) * factor).astype(leaf.dtype))
+    return jax.tree_util.tree_unflatten(self.treedef, scaled)
+
+
+def _compute_dtype(leaf: jax.Array) -> Any:
+  """At least float32 (bf16/fp16 are widened), complex stays complex, float64 stays."""
+  return jnp.promote_types(leaf.dtype, jnp.float32)
+
+
+def _abs_sq(leaf: jax.Array) -> jax.Array:
+  if jnp.iscomplexobj(leaf):
+    return jnp.square(jnp.real(leaf).astype(jnp.float32)) + jnp.square(
+        jnp.imag(leaf).astype(jnp.float32))
+  return jnp.square(leaf.astype(jnp.float32))
+
+
+def _is_float(leaf: Any) -> bool:
+  return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.inexact)
+
+
+class Grouping:
+  """A resolved scope: validated once at construction, applied to any tree at trace time.
+
+  Args:
+    scope: `"global"`, `"layer"`, `"leaf"`, `"unit"`, or a callable `(path, leaf) -> label`.
+    stacked: leaves holding a stack of layers along one axis: a regex or a sequence of regexes
+      over paths (stacked along axis 0), or a dict `{regex: axis}`.
+    exclude: a regex or a sequence of regexes over paths whose leaves belong to no group.
+  """
+
+  def __init__(self, scope: Scope, stacked: Stacked = None, exclude: paths.Regexes = None):
+    if not (callable(scope) or scope in SCOPES):
+      raise ValueError(f"`scope` must be one of {SCOPES} or a callable (path, leaf) -> label, "
+                       f"got {scope!r}.")
+    self.scope = scope
+    if isinstance(stacked, Mapping):
+      items = list(stacked.items())
+    else:
+      items = [(regex, 0) for regex in paths.compile_regexes("stacked", stacked)]
+    for _, axis in items:
+      if isinstance(axis, bool) or not isinstance(axis, int):
+        raise ValueError(f"`stacked` axes must be integers, got {axis!r}.")
+    self.stacked = [(paths.compile_regexes("stacked", regex)[0], axis) for regex, axis in items]
+    self.exclude = paths.compile_regexes("exclude", exclude)
+
+  def _stack_axis(self, path: str, leaf: jax.Array) -> int | None:
+    for regex, axis in self.stacked:
+      if regex.search(path):
+        if not -leaf.ndim <= axis < leaf.ndim:
+          raise ValueError(f"`stacked` axis {axis} is out of range for {path!r} of shape "
+                           f"{leaf.shape}.")
+        return axis % leaf.ndim
+    return None
+
+  def _label(self, path: str, leaf: jax.Array) -> str:
+    if self.scope == "global":
+      return ""
+    if self.scope == "layer":
+      return path.rpartition("/")[0]
+    if self.scope in ("leaf", "unit"):
+      return path
+    label = self.scope(path, leaf)
+    if not isinstance(label, str):
+      raise ValueError(f"A callable `scope` must return a str label, got {label!r} for {path!r}.")
+    return label
+
+  def _kept_axes(self, leaf: jax.Array, stack_axis: int | None) -> tuple[int, ...]:
+    kept = () if stack_axis is None else (stack_axis,)
+    if self.scope == "unit" and leaf.ndim - len(kept) >= 2:
+      kept += (leaf.ndim - 1,)
+    return kept
+
+  def partition(self, tree: Any) -> Partition:
+    """Assigns every leaf of `tree` to its group (static: shapes, dtypes and paths only)."""
+    keyed_leaves, treedef = paths.leaves_with_paths(tree)
+    labels: dict[str, int] = {}
+    group_shapes: list[tuple[int, ...]] = []
+    plans: list[_LeafPlan | None] = []
+    for path, leaf in keyed_leaves:
+      if not _is_float(leaf) or paths.matches_any(path, self.exclude):
+        plans.append(None)
+        continue
+      stack_axis = None if self.scope == "global" else self._stack_axis(path, leaf)
+      kept = self._kept_axes(leaf, stack_axis)
+      group_shape = tuple(leaf.shape[axis] for axis in kept)
+      label = self._label(path, leaf)
+      if label not in labels:
+        labels[label] = len(group_shapes)
+        group_shapes.append(group_shape)
+      elif group_shapes[labels[label]] != group_shape:
+        raise ValueError(
+            f"Leaves of group {label!r} disagree on their stacked or unit shape: {path!r} has "
+            f"{group_shape}, an earlier leaf {group_shapes[labels[label]]}. Mark every stacked "
+            "leaf of a layer with `stacked=`.")
+      plans.append(_LeafPlan(
+          group=labels[label],
+          reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
+          kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
+    return Partition(treedef, plans, [math.prod(shape) for shape in group_shapes], list(labels))

@@ -1,0 +1,54 @@
+"""`stats`: the scalars every optax_stable transform recorded, from any optimizer state."""
+
+from typing import Any
+
+import jax
+
+
+def _reports(node: Any) -> bool:
+  return isinstance(node, tuple) and callable(getattr(node, "telemetry", None)) and hasattr(
+      node, "telemetry_name")
+
+
+def _plain(value: Any) -> Any:
+  # Flax NNX wraps optimizer-state arrays in Variables; their single leaf is the array.
+  leaves = jax.tree.leaves(value)
+  return leaves[0] if len(leaves) == 1 else value
+
+
+def stats(opt_state: Any) -> dict[str, jax.Array]:
+  """Collects the telemetry of every optax_stable transform in an optimizer state.
+
+  Walks any nested state (`optax.chain` tuples, `optax.MultiSteps`, `optax.inject_hyperparams`,
+  `optax.masked`, `optax.multi_transform`, a `flax.nnx.Optimizer`'s `opt_state`, a Linen
+  `TrainState.opt_state`) and returns one flat dict of scalar arrays keyed
+  `"<transform>/<quantity>"`, e.g. `"clip_by_norm/grad_norm"` or `"skip_nonfinite/skipped"`.
+  When a transform appears more than once, later occurrences are keyed `"<transform>_2/..."`,
+  `"<transform>_3/..."` in the order of the state's leaves. Works inside `jit`.
+
+  Args:
+    opt_state: an optimizer state, or any pytree containing one.
+
+  Returns:
+    A dict from readable names to scalar arrays, ready for a metrics writer.
+
+  Example:
+    >>> updates, opt_state = tx.update(grads, opt_state, params)
+    >>> writer.write_scalars(step, ostab.stats(opt_state))
+  """
+  report: dict[str, jax.Array] = {}
+  seen: dict[str, int] = {}
+
+  def walk(tree):
+    for node in jax.tree.leaves(tree, is_leaf=_reports):
+      if not _reports(node):
+        continue
+      name = node.telemetry_name
+      seen[name] = seen.get(name, 0) + 1
+      prefix = name if seen[name] == 1 else f"{name}_{seen[name]}"
+      for key, value in node.telemetry().items():
+        report[f"{prefix}/{key}"] = _plain(value)
+      walk(tuple(node))  # wrapped transforms' states report too
+
+  walk(opt_state)
+  return report
