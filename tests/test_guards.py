@@ -1,0 +1,94 @@
+"""skip_nonfinite: a NaN/Inf step changes no state and moves no parameter."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_stable as ostab
+
+_INNER = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-2))
+
+
+def _tree_equal(a, b):
+  return all(np.array_equal(x, y, equal_nan=True)
+             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+@pytest.fixture(scope="module")
+def guarded():
+  tx = ostab.skip_nonfinite(_INNER)
+  return tx, jax.jit(tx.update)
+
+
+@pytest.mark.parametrize("bad", [jnp.nan, jnp.inf, -jnp.inf])
+def test_nonfinite_step_returns_zeros_and_keeps_inner_state(guarded, bad):
+  tx, update = guarded
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,), jnp.bfloat16)}
+  state = tx.init(params)
+  good = {"w": jnp.full((3, 2), 0.5), "b": jnp.ones((2,), jnp.bfloat16)}
+  _, state = update(good, state, params)
+  poisoned = {"w": good["w"].at[1, 1].set(bad), "b": good["b"]}
+  updates, new_state = update(poisoned, state, params)
+  assert all(not np.any(np.asarray(u, np.float32)) for u in jax.tree.leaves(updates))
+  assert _tree_equal(new_state.inner_state, state.inner_state)
+  assert bool(new_state.skipped) and int(new_state.total_skips) == 1
+
+
+def test_skipped_step_leaves_the_run_as_if_it_never_happened(guarded):
+  tx, update = guarded
+  rng = np.random.default_rng(0)
+  grads = [{"w": jnp.asarray(rng.normal(size=(4,)), jnp.float32)} for _ in range(6)]
+  params = {"w": jnp.zeros((4,))}
+  clean, guarded_state = _INNER.init(params), tx.init(params)
+  for step, g in enumerate(grads):
+    if step == 3:
+      _, guarded_state = update({"w": g["w"].at[0].set(jnp.nan)}, guarded_state, params)
+    clean_updates, clean = _INNER.update(g, clean, params)
+    guarded_updates, guarded_state = update(g, guarded_state, params)
+    np.testing.assert_allclose(guarded_updates["w"], clean_updates["w"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               guarded_state.inner_state, clean)
+
+
+def test_max_consecutive_lets_a_broken_run_surface():
+  tx = ostab.skip_nonfinite(optax.sgd(1.0), max_consecutive=2)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  nan = {"w": jnp.array([jnp.nan, 1.0])}
+  flags = []
+  for _ in range(4):
+    updates, state = update(nan, state, params)
+    flags.append(bool(state.skipped))
+  assert flags == [True, True, False, False]
+  assert np.isnan(updates["w"][0]) and int(state.total_skips) == 2
+  _, state = update({"w": jnp.ones(2)}, state, params)
+  assert int(state.consecutive_skips) == 0
+
+
+def test_extra_args_reach_the_inner_transform():
+  seen = {}
+
+  def update_fn(updates, state, params=None, *, value=None, **extra):
+    del params, extra
+    seen["value"] = value
+    return updates, state
+
+  tx = ostab.skip_nonfinite(optax.GradientTransformationExtraArgs(lambda p: (), update_fn))
+  tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.ones(1)}), value=jnp.array(3.0))
+  assert float(seen["value"]) == 3.0
+
+
+def test_integer_leaves_are_not_inspected():
+  tx = ostab.skip_nonfinite(optax.identity())
+  grads = {"w": jnp.ones(2), "count": jnp.array(3, jnp.int32)}
+  updates, state = tx.update(grads, tx.init(grads))
+  assert not bool(state.skipped) and int(updates["count"]) == 3
+
+
+def test_bad_max_consecutive_is_rejected():
+  for value in (0, -1, 2.5):
+    with pytest.raises(ValueError, match="max_consecutive"):
+      ostab.skip_nonfinite(optax.sgd(1.0), max_consecutive=value)
