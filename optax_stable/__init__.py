@@ -2,14 +2,20 @@
 
 from optax_stable import policies
 from optax_stable import scopes
+from optax_stable.clipping import AdaGCClipState
 from optax_stable.clipping import AdaptiveGradClipState
+from optax_stable.clipping import AutoClipState
 from optax_stable.clipping import ClipByGlobalNormState
 from optax_stable.clipping import ClipByNormState
 from optax_stable.clipping import ClipState
+from optax_stable.clipping import ZClipState
+from optax_stable.clipping import adagc
 from optax_stable.clipping import adaptive_grad_clip
+from optax_stable.clipping import autoclip
 from optax_stable.clipping import clip
 from optax_stable.clipping import clip_by_global_norm
 from optax_stable.clipping import clip_by_norm
+from optax_stable.clipping import zclip
 from optax_stable.guards import SkipNonfiniteState
 from optax_stable.guards import skip_nonfinite
 from optax_stable.paths import path_mask
@@ -20,13 +26,18 @@ from optax_stable.telemetry import stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AdaGCClipState",
     "AdaptiveGradClipState",
+    "AutoClipState",
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipState",
     "SkipNonfiniteState",
     "ThresholdPolicy",
+    "ZClipState",
+    "adagc",
     "adaptive_grad_clip",
+    "autoclip",
     "clip",
     "clip_by_global_norm",
     "clip_by_norm",
@@ -36,4 +47,5 @@ __all__ = [
     "scopes",
     "skip_nonfinite",
     "stats",
+    "zclip",
 ]

@@ -11,7 +11,8 @@ import jax
 import numpy as np
 
 
-def _concrete_value(value: Any) -> float | None:
+def concrete_value(value: Any) -> float | None:
+  """The value as a float when it is a concrete scalar, else None (tracers, callables)."""
   if isinstance(value, jax.core.Tracer) or callable(value):
     return None
   array = np.asarray(value)
@@ -22,22 +23,28 @@ def _concrete_value(value: Any) -> float | None:
 
 def check_positive(name: str, value: Any) -> None:
   """Raises a `ValueError` naming `name` unless `value` is > 0 (or not concrete)."""
-  number = _concrete_value(value)
+  number = concrete_value(value)
   if number is not None and not number > 0:
     raise ValueError(f"`{name}` must be > 0, got {value!r}.")
 
 
 def check_non_negative(name: str, value: Any) -> None:
   """Raises a `ValueError` naming `name` unless `value` is >= 0 (or not concrete)."""
-  number = _concrete_value(value)
+  number = concrete_value(value)
   if number is not None and not number >= 0:
     raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
 
 
-def check_positive_int(name: str, value: Any, allow_none: bool = False) -> None:
-  """Raises a `ValueError` naming `name` unless `value` is an integer >= 1."""
+def check_static_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
+  """Raises a `ValueError` naming `name` unless `value` is a Python int >= `minimum`.
+
+  For hyperparameters that fix array shapes or Python control flow: they cannot be traced, so
+  `optax.inject_hyperparams` must be told to keep them static.
+  """
   if value is None and allow_none:
     return
-  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    allowed = "an integer >= 1" + (" or None" if allow_none else "")
-    raise ValueError(f"`{name}` must be {allowed}, got {value!r}.")
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+    allowed = f"a Python int >= {minimum}" + (" or None" if allow_none else "")
+    hint = (" (with `optax.inject_hyperparams`, list it in `static_args`)"
+            if isinstance(value, (jax.Array, np.ndarray)) else "")
+    raise ValueError(f"`{name}` must be {allowed}, got {value!r}{hint}.")

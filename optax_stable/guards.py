@@ -64,7 +64,7 @@ def skip_nonfinite(
   Example:
     >>> tx = ostab.skip_nonfinite(optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)))
   """
-  _validation.check_positive_int("max_consecutive", max_consecutive, allow_none=True)
+  _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):

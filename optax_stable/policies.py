@@ -92,3 +92,300 @@ def relative_to_params(clipping: float | jax.Array,
     return clipping * jnp.maximum(param_norms, eps), state
 
   return ThresholdPolicy(_stateless, threshold, needs_params=True)
+
+
+def _check_unit_interval(name: str, value: Any, closed: bool) -> None:
+  number = _validation.concrete_value(value)
+  if number is None:
+    return
+  inside = 0.0 <= number <= 1.0 if closed else 0.0 < number < 1.0
+  if not inside:
+    interval = "[0, 1]" if closed else "(0, 1)"
+    raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
+
+
+class QuantileState(NamedTuple):
+  """State of `policies.quantile`: the last norms of every group, in arrival and sorted order.
+
+  Attributes:
+    history: ring buffer `(history_length, groups)` of pre-clip norms, oldest overwritten first.
+    ordered: the same norms sorted ascending per group, unfilled slots `+inf` at the end.
+    count: norms recorded so far (may exceed `history_length`).
+    threshold: last thresholds (`inf` before the first norm is recorded).
+  """
+
+  history: jax.Array
+  ordered: jax.Array
+  count: jax.Array
+  threshold: jax.Array
+
+  def telemetry(self) -> dict[str, jax.Array]:
+    return {"quantile_threshold": jnp.max(self.threshold, initial=-jnp.inf),
+            "history_filled": jnp.minimum(self.count, self.history.shape[0])}
+
+
+def _replace_sorted(ordered: jax.Array, evicted: jax.Array, value: jax.Array) -> jax.Array:
+  """Per column of `ordered` (ascending, `inf`-padded): drop one `evicted`, insert `value`.
+
+  O(rows) elementwise work per column, no sort. Evicting `inf` (a slot never filled) is a no-op.
+  """
+  rows = jnp.arange(ordered.shape[0]).reshape((-1,) + (1,) * (ordered.ndim - 1))
+  padding = jnp.full_like(ordered[:1], jnp.inf)
+  gone = jnp.sum(ordered < evicted, axis=0)  # index of the first copy of `evicted`
+  ordered = jnp.where(rows < gone, ordered, jnp.concatenate([ordered[1:], padding]))
+  slot = jnp.sum(ordered < value, axis=0)
+  shifted_down = jnp.concatenate([padding, ordered[:-1]])
+  return jnp.where(rows < slot, ordered, jnp.where(rows == slot, value, shifted_down))
+
+
+def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> ThresholdPolicy:
+  """Threshold = a quantile of each group's recent pre-clip norms (AutoClip).
+
+  The threshold of a group is the `quantile` (linear interpolation, as `torch.quantile`) of its
+  last `history_length` pre-clip norms; with no history yet (the first step) nothing is
+  clipped. The current pre-clip norm then joins the history. A sorted copy of the history is
+  maintained by one insertion and one eviction per step (O(history_length) per group, no
+  sort), so long histories at fine scopes stay cheap.
+
+  Args:
+    quantile: which quantile of the history is the threshold; in [0, 1].
+    history_length: how many recent norms per group are kept; an int >= 1.
+
+  Returns:
+    A `ThresholdPolicy` whose state is a `QuantileState`.
+
+  References:
+    Seetharaman et al., AutoClip: Adaptive Gradient Clipping for Source Separation Networks,
+    MLSP 2020 (https://arxiv.org/abs/2007.14469); reference implementation: the `autoclip`
+    package (`autoclip.torch.QuantileClip`).
+
+  Example:
+    >>> tx = ostab.clip(ostab.policies.quantile(0.9, 1000), scope="leaf")
+  """
+  _check_unit_interval("quantile", quantile, closed=True)
+  _validation.check_static_int("history_length", history_length, 1)
+
+  def init(norms_template):
+    history = jnp.zeros((history_length,) + norms_template.shape, jnp.float32)
+    return QuantileState(history=history, ordered=jnp.full_like(history, jnp.inf),
+                         count=jnp.zeros((), jnp.int32),
+                         threshold=jnp.full_like(norms_template, jnp.inf))
+
+  def threshold(norms, state, param_norms):
+    del param_norms
+    filled = jnp.minimum(state.count, history_length)
+    position = quantile * (jnp.maximum(filled, 1) - 1).astype(jnp.float32)
+    low = jnp.floor(position).astype(jnp.int32)
+    high = jnp.minimum(low + 1, jnp.maximum(filled - 1, 0))
+    fraction = position - low
+    low_value, high_value = state.ordered[low], state.ordered[high]
+    thresholds = jnp.where(filled > 0, low_value + fraction * (high_value - low_value), jnp.inf)
+
+    slot = state.count % history_length
+    evicted = jnp.where(state.count >= history_length, state.history[slot], jnp.inf)
+    ordered = _replace_sorted(state.ordered, evicted, norms)
+    return thresholds, QuantileState(history=state.history.at[slot].set(norms), ordered=ordered,
+                                     count=state.count + 1, threshold=thresholds)
+
+  return ThresholdPolicy(init, threshold)
+
+
+ZSCORE_MODES = ("zscore", "percentile")
+ZSCORE_CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
+class ZScoreState(NamedTuple):
+  """State of `policies.zscore`: warm-up buffer, then EMA mean and variance per group.
+
+  Attributes:
+    warmup_norms: `(max(warmup_steps, 1), groups)` norms collected before the EMA starts.
+    count: finite steps seen (the EMA is live once it reaches the warm-up length).
+    mean: EMA of the (clipped) norms, per group.
+    var: EMA of their squared deviation from the mean, per group.
+    spike: whether each group's last norm was flagged as a spike.
+  """
+
+  warmup_norms: jax.Array
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  spike: jax.Array
+
+  def telemetry(self) -> dict[str, jax.Array]:
+    return {"ema_mean": jnp.max(self.mean, initial=-jnp.inf),
+            "ema_std": jnp.max(jnp.sqrt(self.var), initial=-jnp.inf),
+            "spike_fraction": jnp.mean(self.spike) if self.spike.size else jnp.zeros(())}
+
+
+def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
+           max_norm: float | jax.Array | None = 1.0, eps: float | jax.Array = 1e-6,
+           warmup_steps: int = 25, mode: str = "zscore",
+           clip_option: str = "adaptive_scaling", clip_factor: float | jax.Array = 1.0,
+           skip_update_on_spike: bool = False) -> ThresholdPolicy:
+  """Threshold from a z-score of each group's norm against an EMA of its past norms (ZClip).
+
+  Warm-up: the first `warmup_steps` norms are collected (only the `max_norm` cap clips), then
+  the EMA mean and variance start from their mean and population variance. Afterwards, with
+  `std = sqrt(var)`:
+    * mode `"zscore"`: `z = (norm - mean) / (std + eps)`; if `z > z_thresh` the norm is a
+      spike and is clipped to `clip_factor * (mean + z_thresh * std / (z / z_thresh))`
+      (`clip_option="adaptive_scaling"`: the larger the outlier, the harder the clip) or to
+      `mean` (`clip_option="mean"`);
+    * mode `"percentile"`: a norm above `mean + z_thresh * std` is clipped to that value.
+  The EMA then absorbs the clipped value of a spike (or the norm itself): first
+  `mean = alpha * mean + (1 - alpha) * x`, then `var = alpha * var + (1 - alpha) * (x - mean)**2`
+  with the new mean, as the reference does; with `skip_update_on_spike`, spikes leave the EMA
+  alone. Finally every threshold is capped at `max_norm`.
+
+  Keep the absolute cap (`max_norm=1.0` by default, as in the reference; `None` turns it off):
+  a policy that only tracks the distribution of recent norms follows a run that explodes
+  steadily from step 0 instead of stopping it (a tanh RNN trained with SGD diverged without
+  the cap on 3 of 3 seeds and trained with it).
+
+  Args:
+    alpha: EMA smoothing factor; in (0, 1).
+    z_thresh: z-score above which a norm is a spike; > 0.
+    max_norm: absolute cap on every threshold (> 0), or None for no cap.
+    eps: added to the standard deviation in the z-score; >= 0.
+    warmup_steps: norms collected before the EMA starts; an int >= 0 (0 behaves as 1).
+    mode: `"zscore"` or `"percentile"`.
+    clip_option: for mode `"zscore"`, `"adaptive_scaling"` or `"mean"`.
+    clip_factor: multiplies the adaptive-scaling threshold; > 0.
+    skip_update_on_spike: leave the EMA untouched on spike steps.
+
+  Returns:
+    A `ThresholdPolicy` whose state is a `ZScoreState`.
+
+  References:
+    Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training, 2025
+    (https://arxiv.org/abs/2504.02507); reference implementation: the `zclip` package
+    (`zclip.ZClip`, whose `max_grad_norm` is our `max_norm`).
+
+  Example:
+    >>> tx = ostab.clip(ostab.policies.zscore(z_thresh=2.5), scope="layer")
+  """
+  _check_unit_interval("alpha", alpha, closed=False)
+  _validation.check_positive("z_thresh", z_thresh)
+  if max_norm is not None:
+    _validation.check_positive("max_norm", max_norm)
+  _validation.check_non_negative("eps", eps)
+  _validation.check_positive("clip_factor", clip_factor)
+  _validation.check_static_int("warmup_steps", warmup_steps, 0)
+  if mode not in ZSCORE_MODES:
+    raise ValueError(f"`mode` must be one of {ZSCORE_MODES}, got {mode!r}.")
+  if clip_option not in ZSCORE_CLIP_OPTIONS:
+    raise ValueError(f"`clip_option` must be one of {ZSCORE_CLIP_OPTIONS}, got {clip_option!r}.")
+  warmup_length = max(warmup_steps, 1)
+  cap = jnp.inf if max_norm is None else max_norm
+
+  def init(norms_template):
+    zeros = jnp.zeros_like(norms_template)
+    return ZScoreState(
+        warmup_norms=jnp.zeros((warmup_length,) + norms_template.shape, jnp.float32),
+        count=jnp.zeros((), jnp.int32), mean=zeros, var=zeros,
+        spike=jnp.zeros(norms_template.shape, bool))
+
+  def threshold(norms, state, param_norms):
+    del param_norms
+    warming = state.count < warmup_length
+    warmup_norms = jnp.where(warming, state.warmup_norms.at[
+        jnp.minimum(state.count, warmup_length - 1)].set(norms), state.warmup_norms)
+    warm_mean = jnp.mean(warmup_norms, axis=0)
+    warm_var = jnp.mean(jnp.square(warmup_norms - warm_mean), axis=0)
+
+    std = jnp.sqrt(state.var)
+    if mode == "percentile":
+      limit = state.mean + z_thresh * std
+      spike = norms > limit
+    else:
+      z = (norms - state.mean) / (std + eps)
+      spike = z > z_thresh
+      if clip_option == "adaptive_scaling":
+        limit = (state.mean + z_thresh * std / (z / z_thresh)) * clip_factor
+      else:
+        limit = state.mean
+    absorbed = jnp.where(spike, limit, norms)
+    mean = alpha * state.mean + (1 - alpha) * absorbed
+    var = alpha * state.var + (1 - alpha) * jnp.square(absorbed - mean)
+    if skip_update_on_spike:
+      mean, var = jnp.where(spike, state.mean, mean), jnp.where(spike, state.var, var)
+
+    ends_warmup = state.count + 1 == warmup_length
+    thresholds = jnp.minimum(jnp.where(warming | ~spike, jnp.inf, limit), cap)
+    return thresholds, ZScoreState(
+        warmup_norms=warmup_norms, count=state.count + 1,
+        mean=jnp.where(warming, jnp.where(ends_warmup, warm_mean, state.mean), mean),
+        var=jnp.where(warming, jnp.where(ends_warmup, warm_var, state.var), var),
+        spike=spike & ~warming)
+
+  return ThresholdPolicy(init, threshold)
+
+
+class AdaGCState(NamedTuple):
+  """State of `policies.adagc`: per-group reference norm gamma and the step count.
+
+  Attributes:
+    gamma: EMA of clipped norms per group (the running minimum during warm-up).
+    count: finite steps seen.
+  """
+
+  gamma: jax.Array
+  count: jax.Array
+
+  def telemetry(self) -> dict[str, jax.Array]:
+    return {"gamma": jnp.max(self.gamma, initial=-jnp.inf), "policy_steps": self.count}
+
+
+def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
+          lambda_rel: float | jax.Array = 1.05, warmup_steps: int = 100,
+          eps: float | jax.Array = 1e-8) -> ThresholdPolicy:
+  """Threshold relative to an EMA of each group's past clipped norms (AdaGC).
+
+  Steps are counted from 1. On the first step and while `step < warmup_steps`, the whole
+  gradient is clipped globally to `lambda_abs` (factor `min(1, lambda_abs / (global_norm +
+  eps))`) and each group's gamma becomes the minimum of its clipped norms so far. Afterwards each
+  group is clipped to `lambda_rel * max(gamma, eps)` and gamma follows an EMA of the clipped
+  norms: `gamma += (1 - beta) * (clipped_norm - gamma)`.
+
+  Args:
+    beta: EMA smoothing factor of gamma; in (0, 1).
+    lambda_abs: global norm cap during warm-up; > 0.
+    lambda_rel: allowed ratio of a group's norm to its gamma after warm-up; > 0.
+    warmup_steps: steps of global clipping before the relative rule starts; >= 0.
+    eps: floor on gamma and on norms; >= 0.
+
+  Returns:
+    A `ThresholdPolicy` whose state is an `AdaGCState`.
+
+  References:
+    Wang et al., AdaGC: Improving Training Stability for Large Language Model Pretraining,
+    2025 (https://arxiv.org/abs/2502.11034); reference implementation:
+    `pytorch_optimizer.AdaGC` (package `pytorch-optimizer`).
+
+  Example:
+    >>> tx = ostab.clip(ostab.policies.adagc(), scope="leaf")
+  """
+  _check_unit_interval("beta", beta, closed=False)
+  _validation.check_positive("lambda_abs", lambda_abs)
+  _validation.check_positive("lambda_rel", lambda_rel)
+  _validation.check_non_negative("warmup_steps", warmup_steps)
+  _validation.check_non_negative("eps", eps)
+
+  def init(norms_template):
+    return AdaGCState(gamma=jnp.zeros_like(norms_template), count=jnp.zeros((), jnp.int32))
+
+  def threshold(norms, state, param_norms):
+    del param_norms
+    step = state.count + 1
+    warming = (step < warmup_steps) | (step == 1)
+    global_norm = jnp.sqrt(jnp.sum(jnp.square(norms))) + eps
+    warm_factor = jnp.minimum(lambda_abs / global_norm, 1.0)
+    relative = lambda_rel * jnp.maximum(state.gamma, eps)
+    thresholds = jnp.where(warming, norms * warm_factor, relative)
+    clipped = jnp.where(warming, norms * warm_factor,
+                        norms * jnp.minimum(relative / jnp.maximum(norms, eps), 1.0))
+    gamma = jnp.where(warming, jnp.where(step == 1, clipped, jnp.minimum(state.gamma, clipped)),
+                      state.gamma + (1 - beta) * (clipped - state.gamma))
+    return thresholds, AdaGCState(gamma=gamma, count=step)
+
+  return ThresholdPolicy(init, threshold)
