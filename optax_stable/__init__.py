@@ -1,6 +1,7 @@
 """optax_stable: composable Optax transforms that keep training stable."""
 
 from optax_stable import policies
+from optax_stable import recipes
 from optax_stable import scopes
 from optax_stable.clipping import AdaGCClipState
 from optax_stable.clipping import AdaptiveGradClipState
@@ -44,6 +45,7 @@ __all__ = [
     "path_mask",
     "path_str",
     "policies",
+    "recipes",
     "scopes",
     "skip_nonfinite",
     "stats",

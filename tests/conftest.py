@@ -86,3 +86,58 @@ def load_timm_agc():
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)
   return module
+
+
+SEQUENCE_SHAPES = {
+    "dense": {"kernel": (5, 4), "bias": (4,)},
+    "conv": {"kernel": (3, 3, 2, 3), "bias": (3,)},
+    "head": {"kernel": (4, 2)},
+}
+
+
+def spiky_gradients(seed, steps, shapes=None, spike_rate=0.08):
+  """`steps` random gradient trees with injected spikes: norms x10 to x1000 at random steps.
+
+  Each leaf also drifts slowly in scale, so adaptive statistics have something to follow.
+  Returns a list of dicts of float32 numpy arrays.
+  """
+  shapes = shapes or SEQUENCE_SHAPES
+  rng = np.random.default_rng(seed)
+  flat_shapes, treedef = jax.tree.flatten(shapes, is_leaf=lambda s: isinstance(s, tuple))
+  leaf_scales = rng.uniform(0.5, 2.0, size=len(flat_shapes))
+  sequence = []
+  for step in range(steps):
+    drift = 1.0 + 0.5 * np.sin(step / 17.0 + np.arange(len(flat_shapes)))
+    leaves = [rng.normal(size=shape) * scale * d
+              for shape, scale, d in zip(flat_shapes, leaf_scales, drift)]
+    if rng.uniform() < spike_rate:
+      hit = rng.integers(len(leaves))
+      leaves[hit] = leaves[hit] * 10.0 ** rng.uniform(1, 3)
+    sequence.append(jax.tree.unflatten(treedef, [x.astype(np.float32) for x in leaves]))
+  return sequence
+
+
+class TorchGrads:
+  """Torch parameters mirroring a tree's leaves (same order), to set and read gradients."""
+
+  def __init__(self, tree):
+    import torch  # pylint: disable=import-outside-toplevel
+    self.torch = torch
+    self.treedef = jax.tree.structure(tree)
+    self.params = [torch.nn.Parameter(torch.zeros(np.shape(leaf))) for leaf in
+                   jax.tree.leaves(tree)]
+    self.module = torch.nn.Module()
+    self.module.params = torch.nn.ParameterList(self.params)
+
+  def set(self, tree):
+    for param, leaf in zip(self.params, jax.tree.leaves(tree)):
+      param.grad = self.torch.tensor(np.array(leaf))
+
+  def get(self):
+    return jax.tree.unflatten(self.treedef, [p.grad.numpy().copy() for p in self.params])
+
+
+def assert_trees_close(actual, expected, rtol=1e-5, atol=0.0, err_msg=""):
+  for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol,
+                               err_msg=err_msg)
