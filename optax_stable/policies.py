@@ -21,6 +21,10 @@ from optax_stable import _validation
 
 PolicyState = Any
 
+# "No threshold": larger than any finite float32 norm, so its factor is 1, but finite, so no
+# state buffer ever holds an Inf.
+NO_LIMIT = float(jnp.finfo(jnp.float32).max)
+
 
 class ThresholdPolicy(NamedTuple):
   """A threshold rule with its own array state.
@@ -109,9 +113,9 @@ class QuantileState(NamedTuple):
 
   Attributes:
     history: ring buffer `(history_length, groups)` of pre-clip norms, oldest overwritten first.
-    ordered: the same norms sorted ascending per group, unfilled slots `+inf` at the end.
+    ordered: the same norms sorted ascending per group, unfilled slots `NO_LIMIT` at the end.
     count: norms recorded so far (may exceed `history_length`).
-    threshold: last thresholds (`inf` before the first norm is recorded).
+    threshold: last thresholds (`NO_LIMIT` before the first norm is recorded).
   """
 
   history: jax.Array
@@ -120,17 +124,17 @@ class QuantileState(NamedTuple):
   threshold: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"quantile_threshold": jnp.max(self.threshold, initial=-jnp.inf),
+    return {"quantile_threshold": jnp.max(self.threshold, initial=0.0),
             "history_filled": jnp.minimum(self.count, self.history.shape[0])}
 
 
 def _replace_sorted(ordered: jax.Array, evicted: jax.Array, value: jax.Array) -> jax.Array:
-  """Per column of `ordered` (ascending, `inf`-padded): drop one `evicted`, insert `value`.
+  """Per column of `ordered` (ascending, `NO_LIMIT`-padded): drop one `evicted`, insert `value`.
 
-  O(rows) elementwise work per column, no sort. Evicting `inf` (a slot never filled) is a no-op.
+  O(rows) elementwise work per column, no sort. Evicting `NO_LIMIT` (a slot never filled) is a no-op.
   """
   rows = jnp.arange(ordered.shape[0]).reshape((-1,) + (1,) * (ordered.ndim - 1))
-  padding = jnp.full_like(ordered[:1], jnp.inf)
+  padding = jnp.full_like(ordered[:1], NO_LIMIT)
   gone = jnp.sum(ordered < evicted, axis=0)  # index of the first copy of `evicted`
   ordered = jnp.where(rows < gone, ordered, jnp.concatenate([ordered[1:], padding]))
   slot = jnp.sum(ordered < value, axis=0)
@@ -167,9 +171,9 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
 
   def init(norms_template):
     history = jnp.zeros((history_length,) + norms_template.shape, jnp.float32)
-    return QuantileState(history=history, ordered=jnp.full_like(history, jnp.inf),
+    return QuantileState(history=history, ordered=jnp.full_like(history, NO_LIMIT),
                          count=jnp.zeros((), jnp.int32),
-                         threshold=jnp.full_like(norms_template, jnp.inf))
+                         threshold=jnp.full_like(norms_template, NO_LIMIT))
 
   def threshold(norms, state, param_norms):
     del param_norms
@@ -179,10 +183,10 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
     high = jnp.minimum(low + 1, jnp.maximum(filled - 1, 0))
     fraction = position - low
     low_value, high_value = state.ordered[low], state.ordered[high]
-    thresholds = jnp.where(filled > 0, low_value + fraction * (high_value - low_value), jnp.inf)
+    thresholds = jnp.where(filled > 0, low_value + fraction * (high_value - low_value), NO_LIMIT)
 
     slot = state.count % history_length
-    evicted = jnp.where(state.count >= history_length, state.history[slot], jnp.inf)
+    evicted = jnp.where(state.count >= history_length, state.history[slot], NO_LIMIT)
     ordered = _replace_sorted(state.ordered, evicted, norms)
     return thresholds, QuantileState(history=state.history.at[slot].set(norms), ordered=ordered,
                                      count=state.count + 1, threshold=thresholds)
@@ -212,8 +216,8 @@ class ZScoreState(NamedTuple):
   spike: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"ema_mean": jnp.max(self.mean, initial=-jnp.inf),
-            "ema_std": jnp.max(jnp.sqrt(self.var), initial=-jnp.inf),
+    return {"ema_mean": jnp.max(self.mean, initial=0.0),
+            "ema_std": jnp.max(jnp.sqrt(self.var), initial=0.0),
             "spike_fraction": jnp.mean(self.spike) if self.spike.size else jnp.zeros(())}
 
 
@@ -276,7 +280,7 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   if clip_option not in ZSCORE_CLIP_OPTIONS:
     raise ValueError(f"`clip_option` must be one of {ZSCORE_CLIP_OPTIONS}, got {clip_option!r}.")
   warmup_length = max(warmup_steps, 1)
-  cap = jnp.inf if max_norm is None else max_norm
+  cap = NO_LIMIT if max_norm is None else max_norm
 
   def init(norms_template):
     zeros = jnp.zeros_like(norms_template)
@@ -311,7 +315,7 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
       mean, var = jnp.where(spike, state.mean, mean), jnp.where(spike, state.var, var)
 
     ends_warmup = state.count + 1 == warmup_length
-    thresholds = jnp.minimum(jnp.where(warming | ~spike, jnp.inf, limit), cap)
+    thresholds = jnp.minimum(jnp.where(warming | ~spike, NO_LIMIT, limit), cap)
     return thresholds, ZScoreState(
         warmup_norms=warmup_norms, count=state.count + 1,
         mean=jnp.where(warming, jnp.where(ends_warmup, warm_mean, state.mean), mean),
@@ -333,7 +337,7 @@ class AdaGCState(NamedTuple):
   count: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"gamma": jnp.max(self.gamma, initial=-jnp.inf), "policy_steps": self.count}
+    return {"gamma": jnp.max(self.gamma, initial=0.0), "policy_steps": self.count}
 
 
 def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
