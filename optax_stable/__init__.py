@@ -22,6 +22,12 @@ from optax_stable.guards import skip_nonfinite
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
+from optax_stable.spam import PeriodicResetState
+from optax_stable.spam import ScaleByAdamMomentsState
+from optax_stable.spam import SpikeClipState
+from optax_stable.spam import periodic_reset
+from optax_stable.spam import scale_by_adam_moments
+from optax_stable.spam import spike_clip
 from optax_stable.telemetry import stats
 
 __version__ = "0.1.0"
@@ -33,7 +39,10 @@ __all__ = [
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipState",
+    "PeriodicResetState",
+    "ScaleByAdamMomentsState",
     "SkipNonfiniteState",
+    "SpikeClipState",
     "ThresholdPolicy",
     "ZClipState",
     "adagc",
@@ -44,10 +53,13 @@ __all__ = [
     "clip_by_norm",
     "path_mask",
     "path_str",
+    "periodic_reset",
     "policies",
     "recipes",
+    "scale_by_adam_moments",
     "scopes",
     "skip_nonfinite",
+    "spike_clip",
     "stats",
     "zclip",
 ]

@@ -4,10 +4,11 @@ A recipe named after a reference implementation reproduces it step for step with
 arguments; the tests compare against the reference package.
 """
 
-import jax
+import jax.numpy as jnp
 import optax
 
 from optax_stable import clipping
+from optax_stable import spam as spam_lib
 
 
 def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
@@ -52,3 +53,85 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
+
+
+def _spam_step_scale(b1: float, b2: float, warmup_steps: int, update_proj_gap: int):
+  """SPAM's per-step factor: bias correction on the global step times the post-reset warm-up.
+
+  Bias correction uses the global step k (never reset): `sqrt(1 - b2**k) / (1 - b1**k)`. The
+  warm-up restarts at every reset step r (k % update_proj_gap == 0) with
+  `1 - 0.99 * (1 + cos(pi * (c + 1) / (warmup_steps + 1))) / 2` for the c-th step after it,
+  c < warmup_steps (PyTorch's CosineAnnealingLR as the reference drives it); 1 otherwise,
+  including before the first reset.
+  """
+
+  def scale(count):
+    step = count + 1
+    since_reset = jnp.where(step >= update_proj_gap, step % update_proj_gap, warmup_steps)
+    death_rate = 0.99 * (1 + jnp.cos(jnp.pi * (since_reset + 1) / (warmup_steps + 1))) / 2
+    warmup = jnp.where(since_reset < warmup_steps, 1.0 - death_rate, 1.0)
+    exponent = step.astype(jnp.result_type(float))  # float64 when x64 is enabled
+    correction = jnp.sqrt(1 - b2**exponent) / (1 - b1**exponent)
+    return correction * warmup
+
+  return scale
+
+
+def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
+         weight_decay: float = 0.0, warmup_steps: int = 50, threshold: float = 5000.0,
+         grad_accu_steps: int = 20, update_proj_gap: int = 500,
+         eps: float = 1e-6) -> optax.GradientTransformation:
+  """SPAM: Adam with element-wise spike clipping, momentum resets and post-reset warm-up.
+
+  ```
+  grads -> spike_clip (threshold x running mean square; paused grad_accu_steps after resets)
+        -> periodic_reset(scale_by_adam_moments, every=update_proj_gap)     m / (sqrt(v) + eps)
+        -> x sqrt(1 - b2**k) / (1 - b1**k) x cosine warm-up after each reset (global step k)
+        -> x -lr -> then params decay as p <- (p + update) * (1 - lr * weight_decay)
+  ```
+  Matches `pytorch_optimizer.SPAM(density=1.0)` step for step, including its choices: the
+  bias correction counts global steps while the moments restart at zero (hence the warm-up),
+  `eps` is added to the uncorrected `sqrt(v)`, and decay multiplies the already updated
+  parameters. Its `warmup_epoch` is our `warmup_steps`. `threshold=0` disables spike clipping.
+
+  Args:
+    learning_rate: a float or an Optax schedule.
+    b1: first-moment decay.
+    b2: second-moment decay (also the spike detector's).
+    weight_decay: decoupled, multiplicative decay coefficient.
+    warmup_steps: length of the cosine warm-up after each momentum reset.
+    threshold: spike threshold on `g**2 / v`; 0 disables spike clipping.
+    grad_accu_steps: steps after the start and after each reset before spike clipping starts.
+    update_proj_gap: momentum reset period in steps.
+    eps: added to `sqrt(v)`.
+
+  Returns:
+    An `optax.GradientTransformation`; `update` needs `params` when `weight_decay` is non-zero.
+
+  References:
+    Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training,
+    ICLR 2025 (https://arxiv.org/abs/2501.06842); reference implementation
+    `pytorch_optimizer.SPAM`.
+
+  Example:
+    >>> tx = ostab.recipes.spam(learning_rate=1e-3, update_proj_gap=500)
+  """
+  if threshold < 0:
+    raise ValueError(f"`threshold` must be >= 0, got {threshold!r}.")
+  schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
+  parts = []
+  if threshold:
+    parts.append(spam_lib.spike_clip(threshold, b2, grad_accu_steps, reset_every=update_proj_gap))
+  parts += [
+      spam_lib.periodic_reset(spam_lib.scale_by_adam_moments(b1, b2, eps), every=update_proj_gap),
+      optax.scale_by_schedule(_spam_step_scale(b1, b2, warmup_steps, update_proj_gap)),
+      optax.scale_by_learning_rate(learning_rate),
+  ]
+  if weight_decay:
+    # (p + u) * (1 - lr * wd) - p  ==  u * (1 - lr * wd) - lr * wd * p
+    parts += [
+        optax.scale_by_schedule(lambda count: 1 - schedule(count) * weight_decay),
+        optax.inject_hyperparams(optax.add_decayed_weights)(
+            weight_decay=lambda count: -schedule(count) * weight_decay),
+    ]
+  return optax.chain(*parts)

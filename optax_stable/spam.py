@@ -1,0 +1,207 @@
+"""SPAM's building blocks: element-wise spike clipping, periodic state reset, raw Adam moments.
+
+SPAM (Huang et al., ICLR 2025) is Adam with three changes: gradient entries that spike far
+above the running second moment are clipped element-wise, the moments are reset every few
+hundred steps, and the step after each reset is warmed up again. Each change is a transform
+here, usable on its own; `optax_stable.recipes.spam` chains them into the reference optimizer.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_stable import _tree
+from optax_stable import _validation
+
+
+def _statistics_dtype(leaf: Any) -> Any:
+  """At least float32 (bf16/fp16 statistics would lose the small squares), float64 kept."""
+  return jnp.promote_types(leaf.dtype, jnp.float32)
+
+
+class SpikeClipState(NamedTuple):
+  """State of `spike_clip`.
+
+  Attributes:
+    second_moment: EMA of the squared (clipped) gradient, per element, in >= float32.
+    count: steps seen (clipping starts once it reaches `warmup_steps`).
+    clipped_fraction: fraction of gradient elements clipped on the last step.
+  """
+
+  second_moment: Any
+  count: jax.Array
+  clipped_fraction: jax.Array
+
+  telemetry_name = "spike_clip"
+
+  def telemetry(self) -> dict[str, jax.Array]:
+    return {"clipped_fraction": self.clipped_fraction, "count": self.count}
+
+
+def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.999,
+               warmup_steps: int | jax.Array = 20,
+               reset_every: int | None = None) -> optax.GradientTransformation:
+  """Clips gradient entries whose square exceeds `threshold` times their running mean square.
+
+  With `v` an EMA (decay `b2`) of the squared gradient, every entry with `g**2 > threshold * v`
+  becomes `sign(g) * sqrt(threshold * v)`; `v` then absorbs the clipped gradient. Steps are
+  counted from 1 and nothing is clipped before step `warmup_steps`, while `v` is still a poor
+  estimate. With `reset_every`, `v` restarts from zero at every step that is a multiple of it
+  and clipping pauses until `warmup_steps` steps into each new cycle, exactly as SPAM does
+  alongside its momentum resets (its phase is the global step modulo `reset_every`).
+
+  `v` is the same quantity as Adam's second moment when `b2` matches; it is kept here so that
+  spike clipping composes with any optimizer. Non-float leaves pass through.
+
+  Args:
+    threshold: how many times the running mean square an entry's square may reach; > 0.
+    b2: EMA decay of the second moment; in (0, 1).
+    warmup_steps: first step (1-based, within each reset cycle) at which clipping is active;
+      >= 0.
+    reset_every: reset period of `v` in steps (a Python int >= 1), or None for never.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `SpikeClipState`.
+
+  References:
+    Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training,
+    ICLR 2025 (https://arxiv.org/abs/2501.06842).
+
+  Example:
+    >>> tx = optax.chain(ostab.spike_clip(5000.0), optax.adam(1e-3))
+  """
+  _validation.check_positive("threshold", threshold)
+  number = _validation.concrete_value(b2)
+  if number is not None and not 0.0 < number < 1.0:
+    raise ValueError(f"`b2` must be in (0, 1), got {b2!r}.")
+  _validation.check_non_negative("warmup_steps", warmup_steps)
+  _validation.check_static_int("reset_every", reset_every, 1, allow_none=True)
+
+  def init_fn(params):
+    return SpikeClipState(
+        second_moment=jax.tree.map(lambda p: jnp.zeros_like(p, _statistics_dtype(p)), params),
+        count=jnp.zeros((), jnp.int32), clipped_fraction=jnp.zeros((), jnp.float32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    step = state.count + 1
+    phase = step if reset_every is None else step % reset_every
+    active = (step >= warmup_steps) & (phase >= warmup_steps)
+    restart = jnp.array(False) if reset_every is None else phase == 0
+    leaves, treedef = jax.tree.flatten(updates)
+    new_leaves, moments, spike_counts, size = [], [], [], 0
+    for g, v in zip(leaves, treedef.flatten_up_to(state.second_moment)):
+      if not jnp.issubdtype(g.dtype, jnp.floating):
+        new_leaves.append(g)
+        moments.append(v)
+        continue
+      v = jnp.where(restart, jnp.zeros_like(v), v)
+      wide = g.astype(v.dtype)
+      limit = threshold * v
+      spikes = active & (jnp.square(wide) > limit)
+      wide = jnp.where(spikes, jnp.sign(wide) * jnp.sqrt(limit), wide)
+      new_leaves.append(wide.astype(g.dtype))
+      moments.append(b2 * v + (1 - b2) * jnp.square(wide))
+      spike_counts.append(jnp.sum(spikes))
+      size += g.size
+    fraction = sum(spike_counts) / size if size else 0.0
+    return treedef.unflatten(new_leaves), SpikeClipState(
+        second_moment=treedef.unflatten(moments), count=step,
+        clipped_fraction=jnp.asarray(fraction, jnp.float32))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class PeriodicResetState(NamedTuple):
+  """State of `periodic_reset`: the inner state and the step count."""
+
+  inner_state: Any
+  count: jax.Array
+
+
+def periodic_reset(inner: optax.GradientTransformation,
+                   every: int) -> optax.GradientTransformationExtraArgs:
+  """Re-initialises `inner`'s state at every step that is a multiple of `every` (1-based).
+
+  On such a step `inner.update` runs on a freshly initialised state (built from `params`, or
+  from the updates when no params are given), so moments, histories and counters inside
+  `inner` start over: SPAM's momentum reset. Extra arguments are forwarded.
+
+  Args:
+    inner: the transform whose state is reset.
+    every: reset period in steps; a Python int >= 1.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `PeriodicResetState`.
+
+  References:
+    Huang et al., SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training,
+    ICLR 2025 (https://arxiv.org/abs/2501.06842).
+
+  Example:
+    >>> tx = ostab.periodic_reset(optax.scale_by_adam(), every=500)
+  """
+  _validation.check_static_int("every", every, 1)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return PeriodicResetState(inner_state=inner.init(params), count=jnp.zeros((), jnp.int32))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    step = state.count + 1
+    fresh = inner.init(updates if params is None else params)
+    inner_state = _tree.select(step % every == 0, fresh, state.inner_state)
+    updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
+    return updates, PeriodicResetState(inner_state=inner_state, count=step)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ScaleByAdamMomentsState(NamedTuple):
+  """State of `scale_by_adam_moments`: Adam's first and second moments."""
+
+  mu: Any
+  nu: Any
+
+
+def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.999,
+                          eps: float | jax.Array = 1e-8) -> optax.GradientTransformation:
+  """Adam's direction `m / (sqrt(v) + eps)` without bias correction.
+
+  For optimizers that reset the moments but correct bias on the global step count (SPAM):
+  wrap this in `periodic_reset` and apply the correction with `optax.scale_by_schedule`
+  outside it. Moments are kept in float32 (float64 for float64 gradients).
+
+  Args:
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: added to `sqrt(v)`.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `ScaleByAdamMomentsState`.
+
+  References:
+    Kingma and Ba, Adam: A Method for Stochastic Optimization, ICLR 2015
+    (https://arxiv.org/abs/1412.6980).
+
+  Example:
+    >>> tx = ostab.periodic_reset(ostab.scale_by_adam_moments(), every=500)
+  """
+
+  def init_fn(params):
+    zeros = lambda p: jnp.zeros_like(p, _statistics_dtype(p))
+    return ScaleByAdamMomentsState(mu=jax.tree.map(zeros, params),
+                                   nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    del params
+    mu = jax.tree.map(lambda m, g: m + (1 - b1) * (g.astype(m.dtype) - m), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)), state.nu,
+                      updates)
+    directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu,
+                              updates)
+    return directions, ScaleByAdamMomentsState(mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

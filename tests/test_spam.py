@@ -1,0 +1,88 @@
+"""spike_clip, periodic_reset and scale_by_adam_moments against plain numpy."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_stable as ostab
+
+
+def _numpy_spike_clip(grads, threshold, b2, warmup_steps, reset_every=None):
+  """Reference written from the SPAM paper's rule, float64 numpy."""
+  v = np.zeros_like(grads[0], dtype=np.float64)
+  out = []
+  for step, g in enumerate(grads, start=1):
+    phase = step if reset_every is None else step % reset_every
+    if reset_every is not None and phase == 0:
+      v = np.zeros_like(v)
+    g = g.astype(np.float64)
+    if step >= warmup_steps and phase >= warmup_steps:
+      limit = threshold * v
+      g = np.where(g ** 2 > limit, np.sign(g) * np.sqrt(limit), g)
+    v = b2 * v + (1 - b2) * g ** 2
+    out.append(g)
+  return out
+
+
+@pytest.mark.parametrize("reset_every", [None, 15])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_spike_clip_matches_the_rule(reset_every, dtype):
+  rng = np.random.default_rng(0)
+  grads = [rng.normal(size=(4, 3)) * (30.0 if rng.uniform() < 0.2 else 1.0) for _ in range(40)]
+  grads = [np.asarray(jnp.asarray(g, dtype), np.float64) for g in grads]  # representable
+  expected = _numpy_spike_clip(grads, 10.0, 0.9, 5, reset_every)
+  tx = ostab.spike_clip(10.0, b2=0.9, warmup_steps=5, reset_every=reset_every)
+  state, update = tx.init(jnp.zeros((4, 3), dtype)), jax.jit(tx.update)
+  clipped_steps = 0
+  for g, e in zip(grads, expected):
+    out, state = update(jnp.asarray(g, dtype), state)
+    assert out.dtype == dtype and state.second_moment.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(out, np.float64), e,
+                               rtol=1e-5 if dtype == jnp.float32 else 1e-2)
+    clipped_steps += float(state.clipped_fraction) > 0
+  assert clipped_steps > 0
+
+
+def test_periodic_reset_restarts_the_inner_state():
+  tx = ostab.periodic_reset(optax.scale_by_adam(), every=3)
+  params = {"w": jnp.zeros(2)}
+  state = tx.init(params)
+  counts = []
+  for _ in range(7):
+    _, state = tx.update({"w": jnp.ones(2)}, state, params)
+    counts.append(int(state.inner_state.count))
+  assert counts == [1, 2, 1, 2, 3, 1, 2]
+
+
+def test_scale_by_adam_moments_has_no_bias_correction():
+  b1, b2, eps = 0.9, 0.99, 1e-6
+  tx = ostab.scale_by_adam_moments(b1, b2, eps)
+  rng = np.random.default_rng(1)
+  state = tx.init(jnp.zeros(5))
+  m = v = np.zeros(5)
+  for _ in range(5):
+    g = rng.normal(size=5)
+    out, state = tx.update(jnp.asarray(g, jnp.float32), state)
+    m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g ** 2
+    np.testing.assert_allclose(out, m / (np.sqrt(v) + eps), rtol=1e-5)
+
+
+@pytest.mark.parametrize("factory, argument, value", [
+    (ostab.spike_clip, "threshold", 0.0), (ostab.spike_clip, "b2", 1.0),
+    (ostab.spike_clip, "warmup_steps", -1), (ostab.spike_clip, "reset_every", 0),
+])
+def test_bad_hyperparameters_are_rejected(factory, argument, value):
+  with pytest.raises(ValueError, match=argument):
+    factory(**{argument: value})
+
+
+def test_periodic_reset_rejects_bad_period():
+  with pytest.raises(ValueError, match="every"):
+    ostab.periodic_reset(optax.identity(), every=0)
+
+
+def test_spam_recipe_rejects_negative_threshold():
+  with pytest.raises(ValueError, match="threshold"):
+    ostab.recipes.spam(threshold=-1.0)
