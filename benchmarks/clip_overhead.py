@@ -39,6 +39,15 @@ def _chains():
       "chain(ostab.clip_by_norm[layer], adam)": (
           optax.chain(ostab.clip_by_norm(1.0, scope="layer"), adam()),
           "chain(optax.clip_by_global_norm, adam)"),
+      "chain(ostab.zclip, adam)": (
+          optax.chain(ostab.zclip(), adam()), "chain(optax.clip_by_global_norm, adam)"),
+      "chain(ostab.autoclip[global], adam)": (
+          optax.chain(ostab.autoclip(), adam()), "chain(optax.clip_by_global_norm, adam)"),
+      "chain(ostab.autoclip[leaf, H=1000], adam)": (
+          optax.chain(ostab.autoclip(scope="leaf"), adam()),
+          "chain(optax.clip_by_global_norm, adam)"),
+      "chain(ostab.adagc[leaf], adam)": (
+          optax.chain(ostab.adagc(), adam()), "chain(optax.clip_by_global_norm, adam)"),
       "chain(optax.adaptive_grad_clip, adam)": (
           optax.chain(optax.adaptive_grad_clip(0.01), adam()), None),
       "chain(ostab.adaptive_grad_clip, adam)": (
@@ -104,11 +113,11 @@ def main():
             f"{device.platform} ({device.device_kind}); jax {jax.__version__}, "
             f"optax {optax.__version__}")
   print(header)
-  print(f"{'chain':50s} {'bytes/param bytes':>17s} {'temp MB':>8s} {'step ms':>8s} "
+  print(f"{'chain':46s} {'bytes/param bytes':>17s} {'temp MB':>8s} {'step ms':>8s} "
         f"{'vs optax':>8s} {'compile s':>9s}")
   for name, row in rows.items():
     ratio = f"{row['time_ratio']:.2f}x" if row["time_ratio"] else "-"
-    print(f"{name:50s} {row['bytes_per_param_byte']:16.1f}x {row['temp_bytes'] / 1e6:8.1f} "
+    print(f"{name:46s} {row['bytes_per_param_byte']:16.1f}x {row['temp_bytes'] / 1e6:8.1f} "
           f"{row['step_ms']:8.2f} {ratio:>8s} {row['compile_s']:9.2f}")
   pathlib.Path(args.out).write_text(json.dumps(
       {"setup": header, "machine": platform.platform(), "cpu_count": __import__("os").cpu_count(),
