@@ -95,6 +95,17 @@ SEQUENCE_SHAPES = {
 }
 
 
+# A second tree: transformer-like shapes, 3-D attention kernels, a scalar, one big leaf.
+SEQUENCE_SHAPES_2 = {
+    "embed": {"embedding": (12, 6)},
+    "attention": {"query": {"kernel": (6, 2, 3)}, "out": {"kernel": (2, 3, 6)}},
+    "mlp": {"kernel": (6, 24), "bias": (24,)},
+    "scale": (),
+}
+
+TREE_SHAPES = {"conv_mlp": SEQUENCE_SHAPES, "transformer": SEQUENCE_SHAPES_2}
+
+
 def spiky_gradients(seed, steps, shapes=None, spike_rate=0.08):
   """`steps` random gradient trees with injected spikes: norms x10 to x1000 at random steps.
 

@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import optax_stable as ostab
-from conftest import TorchGrads, assert_trees_close, spiky_gradients
+from conftest import TREE_SHAPES, TorchGrads, assert_trees_close, spiky_gradients
 
 STEPS = 200
 
@@ -28,10 +28,10 @@ def _run(tx, sequence):
 
 
 @pytest.mark.parametrize("scope, global_threshold", [("global", True), ("leaf", False)])
-@pytest.mark.parametrize("seed", [0, 1])
-def test_autoclip_matches_quantile_clip(scope, global_threshold, seed):
+@pytest.mark.parametrize("seed, shapes", [(0, "conv_mlp"), (1, "transformer")])
+def test_autoclip_matches_quantile_clip(scope, global_threshold, seed, shapes):
   autoclip_torch = pytest.importorskip("autoclip.torch")
-  sequence = spiky_gradients(seed, STEPS)
+  sequence = spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])
   mirror = TorchGrads(sequence[0])
   reference = autoclip_torch.QuantileClip(mirror.params, quantile=0.8, history_length=50,
                                           global_threshold=global_threshold)
@@ -67,9 +67,10 @@ def _zclip_reference(zclip_module, config):
 
 
 @pytest.mark.parametrize("config", list(ZCLIP_CONFIGS), ids=list(ZCLIP_CONFIGS))
-def test_zclip_matches_reference(config):
+@pytest.mark.parametrize("seed, shapes", [(3, "conv_mlp"), (11, "transformer")])
+def test_zclip_matches_reference(config, seed, shapes):
   zclip_module = pytest.importorskip("zclip")
-  sequence = spiky_gradients(3, STEPS)
+  sequence = spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])
   mirror = TorchGrads(sequence[0])
   reference = _zclip_reference(zclip_module, ZCLIP_CONFIGS[config])
   spikes = 0
@@ -123,10 +124,11 @@ def _follow_reference(tx, make_reference, sequence, params, atol):
   return states, reference, mirror
 
 
-def test_adagc_recipe_matches_pytorch_optimizer_on_spiky_gradients():
+@pytest.mark.parametrize("seed, shapes", [(5, "conv_mlp"), (12, "transformer")])
+def test_adagc_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes):
   pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
-  sequence = spiky_gradients(5, STEPS)
-  rng = np.random.default_rng(5)
+  sequence = spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])
+  rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda g: rng.normal(size=g.shape).astype(np.float32), sequence[0])
   hyper = dict(warmup_steps=30, weight_decay=0.1, lambda_rel=1.05, beta=0.98)
   states, reference, mirror = _follow_reference(
@@ -209,7 +211,8 @@ def _spam_reference_kwargs():
   return kwargs
 
 
-def test_spam_recipe_matches_pytorch_optimizer_on_spiky_gradients():
+@pytest.mark.parametrize("seed, shapes", [(9, "conv_mlp"), (13, "transformer")])
+def test_spam_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes):
   """Same gradients to both, in float64 so that any difference is one of semantics.
 
   (In float32 the trajectories agree to ~1e-6 absolute after 200 steps: the random walk of
@@ -217,8 +220,8 @@ def test_spam_recipe_matches_pytorch_optimizer_on_spiky_gradients():
   """
   pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
   sequence = [jax.tree.map(lambda g: g.astype(np.float64), grads)
-              for grads in spiky_gradients(9, STEPS)]
-  rng = np.random.default_rng(9)
+              for grads in spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])]
+  rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda g: rng.normal(size=g.shape), sequence[0])
   with jax.enable_x64(True):
     states, _, _ = _follow_reference(
