@@ -79,7 +79,7 @@ class AdaptiveGradClipState(ClipState):
 
 
 def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
-          state_type: type[ClipState], name: str) -> optax.GradientTransformation:
+          state_type: type[ClipState]) -> optax.GradientTransformation:
   """Builds the clipping transform shared by `clip` and every preset."""
 
   def init_fn(params):
@@ -97,7 +97,8 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
     param_norms = None
     if policy.needs_params:
       if params is None:
-        raise ValueError(f"`{name}` needs the parameters: call `update(updates, state, params)`.")
+        raise ValueError(f"`{state_type.telemetry_name}` needs the parameters: call "
+                         "`update(updates, state, params)`.")
       param_norms = partition.norms(params, what="params")
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
     thresholds = jnp.asarray(thresholds, jnp.float32)
@@ -109,8 +110,8 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
     if partition.size:
       most_clipped = jnp.argmin(factors)
       report = dict(
-          grad_norm=jnp.sqrt(jnp.sum(jnp.square(norms))),
-          clipped_norm=jnp.sqrt(jnp.sum(jnp.square(norms * factors))),
+          grad_norm=scopes.combined_norm(norms),
+          clipped_norm=scopes.combined_norm(norms * factors),
           max_group_norm=jnp.max(norms), threshold=thresholds[most_clipped],
           scale=factors[most_clipped], clipped_fraction=jnp.mean(factors < 1.0))
     else:
@@ -148,7 +149,7 @@ def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
   Example:
     >>> tx = optax.chain(ostab.clip(ostab.policies.fixed(1.0), scope="leaf"), optax.adam(1e-3))
   """
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ClipState, "clip")
+  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ClipState)
 
 
 def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
@@ -172,8 +173,7 @@ def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransforma
   Example:
     >>> tx = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3))
   """
-  return _clip(policies.fixed(max_norm), scopes.Grouping("global"), ClipByGlobalNormState,
-               "clip_by_global_norm")
+  return _clip(policies.fixed(max_norm), scopes.Grouping("global"), ClipByGlobalNormState)
 
 
 def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
@@ -201,7 +201,7 @@ def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
     >>> tx = optax.chain(ostab.clip_by_norm(1.0, scope="layer"), optax.adam(1e-3))
   """
   return _clip(policies.fixed(max_norm), scopes.Grouping(scope, stacked, exclude),
-               ClipByNormState, "clip_by_norm")
+               ClipByNormState)
 
 
 def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3,
@@ -236,8 +236,7 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Arra
     >>> tx = optax.chain(ostab.adaptive_grad_clip(0.01, exclude=r"Dense_2/"), optax.sgd(0.1))
   """
   return _clip(policies.relative_to_params(clipping, eps),
-               scopes.Grouping(scope, stacked, exclude), AdaptiveGradClipState,
-               "adaptive_grad_clip")
+               scopes.Grouping(scope, stacked, exclude), AdaptiveGradClipState)
 
 
 class AutoClipState(ClipState):
@@ -286,7 +285,7 @@ def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
     >>> tx = optax.chain(ostab.autoclip(0.9, scope="leaf"), optax.adam(1e-3))
   """
   return _clip(policies.quantile(quantile, history_length),
-               scopes.Grouping(scope, stacked, exclude), AutoClipState, "autoclip")
+               scopes.Grouping(scope, stacked, exclude), AutoClipState)
 
 
 def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
@@ -333,7 +332,7 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   """
   policy = policies.zscore(alpha, z_thresh, max_norm, eps, warmup_steps, mode, clip_option,
                            clip_factor, skip_update_on_spike)
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ZClipState, "zclip")
+  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ZClipState)
 
 
 def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
@@ -369,4 +368,4 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
     >>> tx = optax.chain(ostab.adagc(), optax.adam(1e-3))
   """
   return _clip(policies.adagc(beta, lambda_abs, lambda_rel, warmup_steps, eps),
-               scopes.Grouping(scope, stacked, exclude), AdaGCClipState, "adagc")
+               scopes.Grouping(scope, stacked, exclude), AdaGCClipState)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_stable import _validation
+from optax_stable import scopes
 
 PolicyState = Any
 
@@ -382,7 +383,7 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
     del param_norms
     step = state.count + 1
     warming = (step < warmup_steps) | (step == 1)
-    global_norm = jnp.sqrt(jnp.sum(jnp.square(norms))) + eps
+    global_norm = scopes.combined_norm(norms) + eps
     warm_factor = jnp.minimum(lambda_abs / global_norm, 1.0)
     relative = lambda_rel * jnp.maximum(state.gamma, eps)
     thresholds = jnp.where(warming, norms * warm_factor, relative)

@@ -143,6 +143,13 @@ class Partition:
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
 
 
+def combined_norm(norms: jax.Array) -> jax.Array:
+  """The L2 norm of the union of groups, from their norms, without overflowing float32."""
+  largest = jnp.max(norms, initial=0.0)
+  safe = jnp.where(largest > 0, largest, 1.0)
+  return largest * jnp.sqrt(jnp.sum(jnp.square(norms / safe)))
+
+
 def _compute_dtype(leaf: jax.Array) -> Any:
   """At least float32 (bf16/fp16 are widened), complex stays complex, float64 stays."""
   return jnp.promote_types(leaf.dtype, jnp.float32)

@@ -322,3 +322,10 @@ def test_inconsistent_stacked_group_is_rejected():
   tx = ostab.clip_by_norm(1.0, scope="layer", stacked=r"layers/w")
   with pytest.raises(ValueError, match="stacked"):
     tx.init(grads)
+
+
+def test_telemetry_norms_survive_float32_overflow_across_groups():
+  grads = {"a": {"w": jnp.full((4,), 1e30)}, "b": {"w": jnp.full((4,), 1e30)}}
+  _, state = _clip(grads, "layer")
+  np.testing.assert_allclose(float(state.grad_norm), np.sqrt(8) * 1e30, rtol=1e-6)
+  np.testing.assert_allclose(float(state.clipped_norm), np.sqrt(2), rtol=1e-6)
