@@ -1,6 +1,10 @@
 """optax_stable: composable Optax transforms that keep training stable."""
 
 from optax_stable import policies
+from optax_stable.accumulation import AccumulateState
+from optax_stable.accumulation import AccumulateTransformation
+from optax_stable.accumulation import accumulate
+from optax_stable.accumulation import microbatch
 from optax_stable import recipes
 from optax_stable import scopes
 from optax_stable.clipping import AdaGCClipState
@@ -33,6 +37,8 @@ from optax_stable.telemetry import stats
 __version__ = "0.1.0"
 
 __all__ = [
+    "AccumulateState",
+    "AccumulateTransformation",
     "AdaGCClipState",
     "AdaptiveGradClipState",
     "AutoClipState",
@@ -45,12 +51,14 @@ __all__ = [
     "SpikeClipState",
     "ThresholdPolicy",
     "ZClipState",
+    "accumulate",
     "adagc",
     "adaptive_grad_clip",
     "autoclip",
     "clip",
     "clip_by_global_norm",
     "clip_by_norm",
+    "microbatch",
     "path_mask",
     "path_str",
     "periodic_reset",
