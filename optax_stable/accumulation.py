@@ -114,12 +114,13 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
         leaf.dtype, accumulator_dtype)
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.int32)
+    count = lambda: jnp.zeros((), jnp.int32)  # a buffer per field, so the state can be donated
     return AccumulateState(
-        micro_step=zero, gradient_step=zero,
+        micro_step=count(), gradient_step=count(),
         accumulator=jax.tree.map(lambda p: jnp.zeros_like(p, sum_dtype(p)), params),
-        finite_count=zero, value_sum=jnp.zeros((), jnp.float32), inner_state=inner.init(params),
-        updated=jnp.array(False), dropped_microbatches=zero, skipped_steps=zero)
+        finite_count=count(), value_sum=jnp.zeros((), jnp.float32),
+        inner_state=inner.init(params), updated=jnp.array(False),
+        dropped_microbatches=count(), skipped_steps=count())
 
   def update_fn(updates, state, params=None, **extra_args):
     value = extra_args.pop("value", None)

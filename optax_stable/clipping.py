@@ -84,10 +84,10 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
 
   def init_fn(params):
     partition = grouping.partition(params)
-    zero = jnp.zeros((), jnp.float32)
+    zero = lambda: jnp.zeros((), jnp.float32)  # a buffer per field, so the state can be donated
     return state_type(
-        grad_norm=zero, clipped_norm=zero, max_group_norm=zero, threshold=zero,
-        scale=jnp.ones((), jnp.float32), clipped_fraction=zero,
+        grad_norm=zero(), clipped_norm=zero(), max_group_norm=zero(), threshold=zero(),
+        scale=jnp.ones((), jnp.float32), clipped_fraction=zero(),
         nonfinite_steps=jnp.zeros((), jnp.int32),
         policy_state=policy.init(jnp.zeros((partition.size,), jnp.float32)))
 

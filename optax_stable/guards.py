@@ -68,10 +68,10 @@ def skip_nonfinite(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
-    zero = jnp.zeros((), jnp.int32)
+    count = lambda: jnp.zeros((), jnp.int32)  # a buffer per field, so the state can be donated
     return SkipNonfiniteState(inner_state=inner.init(params), nonfinite=jnp.array(False),
-                              skipped=jnp.array(False), total_skips=zero,
-                              consecutive_skips=zero)
+                              skipped=jnp.array(False), total_skips=count(),
+                              consecutive_skips=count())
 
   def update_fn(updates, state, params=None, **extra_args):
     nonfinite = jnp.logical_not(_tree.all_finite(updates))

@@ -284,10 +284,10 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   cap = NO_LIMIT if max_norm is None else max_norm
 
   def init(norms_template):
-    zeros = jnp.zeros_like(norms_template)
     return ZScoreState(
         warmup_norms=jnp.zeros((warmup_length,) + norms_template.shape, jnp.float32),
-        count=jnp.zeros((), jnp.int32), mean=zeros, var=zeros,
+        count=jnp.zeros((), jnp.int32), mean=jnp.zeros_like(norms_template),
+        var=jnp.zeros_like(norms_template),
         spike=jnp.zeros(norms_template.shape, bool))
 
   def threshold(norms, state, param_norms):

@@ -84,3 +84,16 @@ def test_nnx_and_linen_optimizer_states_report():
 
 def test_state_without_our_transforms_reports_nothing():
   assert ostab.stats(optax.adam(1e-3).init(PARAMS)) == {}
+
+
+def test_states_can_be_donated_without_shared_buffers():
+  tx = ostab.accumulate(ostab.skip_nonfinite(optax.chain(
+      ostab.zclip(), ostab.autoclip(), ostab.adagc(), ostab.clip_by_norm(1.0),
+      ostab.adaptive_grad_clip(), ostab.spike_clip(), optax.adam(1e-3))), 2)
+  state = tx.init(PARAMS)
+  buffers = [leaf.unsafe_buffer_pointer() for leaf in jax.tree.leaves(state)]
+  assert len(buffers) == len(set(buffers))
+  step = jax.jit(lambda s: tx.update(GRADS, s, PARAMS)[1], donate_argnums=0)
+  state = step(state)
+  state = step(state)
+  assert int(state.gradient_step) == 1
