@@ -51,8 +51,15 @@ def accumulation_table(params_millions, leaves, cycles):
             for i in range(leaves)}
   grads = jax.tree.map(lambda p: 1e-3 * p, params)
   param_bytes = _state_bytes(params)
-  transforms = {"ostab.accumulate(adam, 4)": ostab.accumulate(optax.adam(1e-4), K),
-                "optax.MultiSteps(adam, 4)": optax.MultiSteps(optax.adam(1e-4), K)}
+  adam = lambda: optax.adam(1e-4)
+  transforms = {
+      "ostab.accumulate(adam, 4)": ostab.accumulate(adam(), K),
+      "ostab.accumulate(adam, 4, skip_nonfinite=False)": ostab.accumulate(
+          adam(), K, skip_nonfinite=False),
+      "optax.MultiSteps(adam, 4, skip_not_finite)": optax.MultiSteps(
+          adam(), K, should_skip_update_fn=optax.skip_not_finite),
+      "optax.MultiSteps(adam, 4)": optax.MultiSteps(adam(), K),
+  }
   runs, results = {}, {}
   for name, tx in transforms.items():
     for donate in (False, True):
@@ -118,10 +125,10 @@ def main():
   print(header)
   accumulation = accumulation_table(args.params_millions, args.leaves, args.cycles)
   print(f"\n{args.params_millions:g}M float32 params, Adam inside, k={K}")
-  print(f"{'transform':42s} {'state/params':>12s} {'static bytes':>12s} {'micro ms':>9s} "
+  print(f"{'transform':62s} {'state/params':>12s} {'static bytes':>12s} {'micro ms':>9s} "
         f"{'k-th ms':>8s}")
   for name, row in accumulation.items():
-    print(f"{name:42s} {row['state_bytes_per_param_byte']:11.2f}x "
+    print(f"{name:62s} {row['state_bytes_per_param_byte']:11.2f}x "
           f"{row['static_bytes_per_param_byte']:11.1f}x {row['micro_step_ms']:9.2f} "
           f"{row['final_step_ms']:8.2f}")
   micro = microbatch_table(args.batch, args.hidden)
