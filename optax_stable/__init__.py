@@ -33,6 +33,11 @@ from optax_stable.spam import periodic_reset
 from optax_stable.spam import scale_by_adam_moments
 from optax_stable.spam import spike_clip
 from optax_stable.telemetry import stats
+from optax_stable.weight_decay import DecoupledWeightDecayState
+from optax_stable.weight_decay import add_l1_penalty
+from optax_stable.weight_decay import add_l2_penalty
+from optax_stable.weight_decay import decoupled_weight_decay
+from optax_stable.weight_decay import default_decay_mask
 
 __version__ = "0.1.0"
 
@@ -45,6 +50,7 @@ __all__ = [
     "ClipByGlobalNormState",
     "ClipByNormState",
     "ClipState",
+    "DecoupledWeightDecayState",
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
     "SkipNonfiniteState",
@@ -52,12 +58,16 @@ __all__ = [
     "ThresholdPolicy",
     "ZClipState",
     "accumulate",
+    "add_l1_penalty",
+    "add_l2_penalty",
     "adagc",
     "adaptive_grad_clip",
     "autoclip",
     "clip",
     "clip_by_global_norm",
     "clip_by_norm",
+    "decoupled_weight_decay",
+    "default_decay_mask",
     "microbatch",
     "path_mask",
     "path_str",
