@@ -22,7 +22,9 @@ from optax_stable.clipping import clip_by_global_norm
 from optax_stable.clipping import clip_by_norm
 from optax_stable.clipping import zclip
 from optax_stable.guards import SkipNonfiniteState
+from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
+from optax_stable.guards import skip_spikes
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
@@ -54,6 +56,7 @@ __all__ = [
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
     "SkipNonfiniteState",
+    "SkipSpikesState",
     "SpikeClipState",
     "ThresholdPolicy",
     "ZClipState",
@@ -77,6 +80,7 @@ __all__ = [
     "scale_by_adam_moments",
     "scopes",
     "skip_nonfinite",
+    "skip_spikes",
     "spike_clip",
     "stats",
     "zclip",

@@ -8,6 +8,7 @@ import optax
 
 from optax_stable import _tree
 from optax_stable import _validation
+from optax_stable import scopes
 
 
 class SkipNonfiniteState(NamedTuple):
@@ -85,5 +86,146 @@ def skip_nonfinite(
         inner_state=_tree.select(skip, state.inner_state, new_inner_state),
         nonfinite=nonfinite, skipped=skip, total_skips=state.total_skips + skipped,
         consecutive_skips=jnp.where(nonfinite, state.consecutive_skips + skipped, 0))
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+METRICS = ("value", "grad_norm")
+
+
+class SkipSpikesState(NamedTuple):
+  """State of `skip_spikes`: EMA statistics of the watched scalar and what the guard did.
+
+  Attributes:
+    inner_state: the wrapped transform's state, unchanged by skipped steps.
+    count: finite observations that entered the statistics.
+    mean: EMA of the watched scalar.
+    var: EMA of its squared deviation from the mean.
+    z_score: the last step's z-score (0 during warm-up or for a non-finite value).
+    skipped: whether the last step was skipped.
+    total_skips: spike steps skipped so far.
+    consecutive_skips: spike skips in a row up to the last step.
+    level_shifts: spikes let through because `max_consecutive` skips came in a row.
+    nonfinite_values: steps whose watched scalar was NaN/Inf (skipped, never in the stats).
+  """
+
+  inner_state: Any
+  count: jax.Array
+  mean: jax.Array
+  var: jax.Array
+  z_score: jax.Array
+  skipped: jax.Array
+  total_skips: jax.Array
+  consecutive_skips: jax.Array
+  level_shifts: jax.Array
+  nonfinite_values: jax.Array
+
+  telemetry_name = "skip_spikes"
+
+  def telemetry(self) -> dict[str, Any]:
+    report = {field: getattr(self, field) for field in self._fields
+              if field not in ("inner_state", "var", "count")}
+    report["std"] = jnp.sqrt(self.var)
+    return report
+
+
+def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array = 6.0,
+                alpha: float | jax.Array = 0.99, warmup_steps: int | jax.Array = 50,
+                metric: str = "value",
+                max_consecutive: int | None = 10) -> optax.GradientTransformationExtraArgs:
+  """Wraps `inner` so that a step whose loss (or gradient norm) spikes is skipped entirely.
+
+  Keeps an EMA mean and variance of a scalar: the loss passed as `value=` (Optax's extra-arg
+  convention), or with `metric="grad_norm"` the global norm of the incoming (pre-clip)
+  gradient. After `warmup_steps` observations, a step whose scalar is more than `z_thresh`
+  standard deviations above the mean returns zero updates and leaves `inner`'s state exactly
+  as it was: the "skip the batch" remedy of large-model training. Spiking values do not enter
+  the statistics. After `max_consecutive` skips in a row the next spike is let through, counted
+  in `level_shifts`, and the mean restarts at its value: a level shift, not a spike.
+
+  Failure modes of the versions in large training frameworks are avoided on purpose: a NaN/Inf
+  loss never enters the statistics (it is skipped and counted in `nonfinite_values`; one NaN in
+  an EMA would otherwise flag every later step), the gradient norm watched is the one before
+  any clipping inside `inner`, and skipping selects the old state and zero updates with
+  `jnp.where`, so a non-finite inner update never reaches the parameters.
+
+  Args:
+    inner: the transform to guard, typically the whole optimizer chain.
+    z_thresh: z-score above which a step is a spike; > 0.
+    alpha: EMA decay of the statistics; in (0, 1).
+    warmup_steps: observations before spikes are detected; >= 0.
+    metric: `"value"` (the loss, passed as `value=`) or `"grad_norm"`.
+    max_consecutive: skips in a row after which a spike is let through (a Python int >= 1),
+      or None to always skip.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is a `SkipSpikesState`.
+
+  References:
+    Chowdhery et al., PaLM: Scaling Language Modeling with Pathways, 2022 (skipping the
+    batches around loss spikes, https://arxiv.org/abs/2204.02311); Molybog et al., A Theory on
+    Adam Instability in Large-Scale Machine Learning, 2023 (https://arxiv.org/abs/2304.09871).
+
+  Example:
+    >>> tx = ostab.skip_spikes(optax.adamw(3e-4), z_thresh=6.0)
+    >>> updates, state = tx.update(grads, state, params, value=loss)
+  """
+  _validation.check_positive("z_thresh", z_thresh)
+  number = _validation.concrete_value(alpha)
+  if number is not None and not 0.0 < number < 1.0:
+    raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+  _validation.check_non_negative("warmup_steps", warmup_steps)
+  if metric not in METRICS:
+    raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
+  _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
+  inner = optax.with_extra_args_support(inner)
+  global_scope = scopes.Grouping("global")
+
+  def init_fn(params):
+    count = lambda: jnp.zeros((), jnp.int32)
+    scalar = lambda: jnp.zeros((), jnp.float32)
+    return SkipSpikesState(
+        inner_state=inner.init(params), count=count(), mean=scalar(), var=scalar(),
+        z_score=scalar(), skipped=jnp.array(False), total_skips=count(),
+        consecutive_skips=count(), level_shifts=count(), nonfinite_values=count())
+
+  def update_fn(updates, state, params=None, **extra_args):
+    if metric == "value":
+      if "value" not in extra_args:
+        raise ValueError("`skip_spikes(metric='value')` needs the loss: call "
+                         "`update(grads, state, params, value=loss)`.")
+      watched = jnp.asarray(extra_args["value"], jnp.float32)
+    else:
+      watched = global_scope.partition(updates).norms(updates)[0]
+    finite = jnp.isfinite(watched)
+    live = state.count >= warmup_steps
+    z_score = jnp.where(live & finite, (watched - state.mean) / (jnp.sqrt(state.var) + 1e-12),
+                        0.0)
+    spike = live & finite & (z_score > z_thresh)
+    skip = spike | ~finite
+    if max_consecutive is not None:
+      skip = skip & ~(spike & (state.consecutive_skips >= max_consecutive))
+
+    # A level shift restarts the mean at the new level (keeping the spread), so the steps
+    # after it are judged against where the run now is.
+    level_shift = spike & ~skip
+    restart = (state.count == 0) | level_shift
+    mean = jnp.where(restart, watched, alpha * state.mean + (1 - alpha) * watched)
+    var = jnp.where(state.count == 0, 0.0, jnp.where(
+        level_shift, state.var, alpha * state.var + (1 - alpha) * jnp.square(watched - mean)))
+    absorb = finite & ~skip
+
+    new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
+    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    spike_skip = (skip & spike).astype(jnp.int32)
+    return new_updates, SkipSpikesState(
+        inner_state=_tree.select(skip, state.inner_state, new_inner_state),
+        count=state.count + absorb.astype(jnp.int32),
+        mean=jnp.where(absorb, mean, state.mean), var=jnp.where(absorb, var, state.var),
+        z_score=z_score, skipped=skip, total_skips=state.total_skips + spike_skip,
+        consecutive_skips=jnp.where(spike_skip > 0, state.consecutive_skips + 1,
+                                    jnp.where(finite, 0, state.consecutive_skips)),
+        level_shifts=state.level_shifts + level_shift.astype(jnp.int32),
+        nonfinite_values=state.nonfinite_values + (~finite).astype(jnp.int32))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -92,3 +92,72 @@ def test_bad_max_consecutive_is_rejected():
   for value in (0, -1, 2.5):
     with pytest.raises(ValueError, match="max_consecutive"):
       ostab.skip_nonfinite(optax.sgd(1.0), max_consecutive=value)
+
+
+# skip_spikes
+
+
+def _run_spikes(tx, values, grads=None):
+  params = {"w": jnp.zeros(2)}
+  state, update = tx.init(params), jax.jit(tx.update)
+  states, outputs = [], []
+  for i, value in enumerate(values):
+    g = {"w": jnp.ones(2)} if grads is None else grads[i]
+    out, state = update(g, state, params, value=jnp.asarray(value, jnp.float32))
+    states.append(state)
+    outputs.append(out)
+  return states, outputs
+
+
+def _noisy_losses(n, seed=0):
+  return list(1.0 + 0.01 * np.random.default_rng(seed).normal(size=n))
+
+
+def test_loss_spike_is_skipped_and_kept_out_of_the_statistics():
+  losses = _noisy_losses(30)
+  losses[20] = 5.0
+  states, outputs = _run_spikes(ostab.skip_spikes(optax.adam(1e-2), warmup_steps=10), losses)
+  assert [bool(s.skipped) for s in states].count(True) == 1 and bool(states[20].skipped)
+  assert not np.any(outputs[20]["w"])
+  jax.tree.map(np.testing.assert_array_equal, states[20].inner_state, states[19].inner_state)
+  assert float(states[20].mean) == float(states[19].mean)
+  assert float(states[20].z_score) > 6.0 and int(states[-1].total_skips) == 1
+
+
+def test_nan_loss_is_skipped_and_does_not_poison_the_statistics():
+  losses = _noisy_losses(40)
+  losses[15] = np.nan
+  states, outputs = _run_spikes(ostab.skip_spikes(optax.sgd(1.0), warmup_steps=5), losses)
+  assert bool(states[15].skipped) and not np.any(outputs[15]["w"])
+  assert np.isfinite(float(states[-1].mean)) and np.isfinite(float(states[-1].var))
+  assert [bool(s.skipped) for s in states[16:]] == [False] * 24  # no window of false skips
+  assert int(states[-1].nonfinite_values) == 1
+
+
+def test_grad_norm_metric_watches_the_norm_before_clipping():
+  rng = np.random.default_rng(1)
+  grads = [{"w": jnp.asarray(1.0 + 0.01 * rng.normal(size=2), jnp.float32)} for _ in range(30)]
+  grads[25] = {"w": jnp.full((2,), 100.0)}
+  tx = ostab.skip_spikes(optax.chain(ostab.clip_by_global_norm(1e-3), optax.sgd(1.0)),
+                         metric="grad_norm", warmup_steps=10)
+  states, _ = _run_spikes(tx, [0.0] * 30, grads)
+  assert bool(states[25].skipped)
+  np.testing.assert_allclose(float(states[24].mean), np.sqrt(2), rtol=0.05)  # raw, not 1e-3
+
+
+def test_a_level_shift_is_let_through_after_max_consecutive_skips():
+  losses = _noisy_losses(20) + [3.0 + 0.01 * i for i in range(6)]
+  states, _ = _run_spikes(ostab.skip_spikes(optax.sgd(1.0), warmup_steps=5, max_consecutive=3),
+                          losses)
+  assert [bool(s.skipped) for s in states] == [False] * 20 + [True] * 3 + [False] * 3
+  assert int(states[-1].level_shifts) == 1
+
+
+def test_skip_spikes_needs_the_loss_and_validates_its_arguments():
+  tx = ostab.skip_spikes(optax.sgd(1.0))
+  with pytest.raises(ValueError, match="value=loss"):
+    tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.ones(1)}))
+  for argument, value in (("z_thresh", 0.0), ("alpha", 1.0), ("metric", "loss"),
+                          ("max_consecutive", 0), ("warmup_steps", -1)):
+    with pytest.raises(ValueError, match=argument):
+      ostab.skip_spikes(optax.sgd(1.0), **{argument: value})
