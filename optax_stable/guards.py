@@ -99,8 +99,10 @@ class SkipSpikesState(NamedTuple):
   Attributes:
     inner_state: the wrapped transform's state, unchanged by skipped steps.
     count: finite observations that entered the statistics.
-    mean: EMA of the watched scalar.
-    var: EMA of its squared deviation from the mean.
+    mean: EMA of the watched scalar (divide by `mean_weight` for the bias-corrected mean).
+    mean_weight: total weight in `mean`, `1 - alpha**count`.
+    var: EMA of its squared deviation from the (corrected) mean.
+    var_weight: total weight in `var` (it starts with the second observation).
     z_score: the last step's z-score (0 during warm-up or for a non-finite value).
     skipped: whether the last step was skipped.
     total_skips: spike steps skipped so far.
@@ -112,7 +114,9 @@ class SkipSpikesState(NamedTuple):
   inner_state: Any
   count: jax.Array
   mean: jax.Array
+  mean_weight: jax.Array
   var: jax.Array
+  var_weight: jax.Array
   z_score: jax.Array
   skipped: jax.Array
   total_skips: jax.Array
@@ -124,9 +128,16 @@ class SkipSpikesState(NamedTuple):
 
   def telemetry(self) -> dict[str, Any]:
     report = {field: getattr(self, field) for field in self._fields
-              if field not in ("inner_state", "var", "count")}
-    report["std"] = jnp.sqrt(self.var)
+              if field not in ("inner_state", "mean", "mean_weight", "var", "var_weight")}
+    report["mean"], report["std"] = _debiased(self)
     return report
+
+
+def _debiased(state: SkipSpikesState) -> tuple[jax.Array, jax.Array]:
+  """Bias-corrected EMA mean and standard deviation (Adam-style: divide by the weight)."""
+  mean = jnp.where(state.mean_weight > 0, state.mean / state.mean_weight, 0.0)
+  var = jnp.where(state.var_weight > 0, state.var / state.var_weight, 0.0)
+  return mean, jnp.sqrt(var)
 
 
 def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array = 6.0,
@@ -135,25 +146,27 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
                 max_consecutive: int | None = 10) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that a step whose loss (or gradient norm) spikes is skipped entirely.
 
-  Keeps an EMA mean and variance of a scalar: the loss passed as `value=` (Optax's extra-arg
-  convention), or with `metric="grad_norm"` the global norm of the incoming (pre-clip)
-  gradient. After `warmup_steps` observations, a step whose scalar is more than `z_thresh`
-  standard deviations above the mean returns zero updates and leaves `inner`'s state exactly
-  as it was: the "skip the batch" remedy of large-model training. Spiking values do not enter
-  the statistics. After `max_consecutive` skips in a row the next spike is let through, counted
-  in `level_shifts`, and the mean restarts at its value: a level shift, not a spike.
+  Keeps a bias-corrected EMA mean and variance of a scalar: the loss passed as `value=`
+  (Optax's extra-arg convention), or with `metric="grad_norm"` the global norm of the incoming
+  (pre-clip) gradient. After `warmup_steps` observations, a step whose scalar is more than
+  `z_thresh` standard deviations above the mean returns zero updates and leaves `inner`'s state
+  exactly as it was: the "skip the batch" remedy of large-model training. Spiking values do not
+  enter the statistics. After `max_consecutive` skips in a row the next spike is let through,
+  counted in `level_shifts`, and the mean restarts at its value: a level shift, not a spike.
 
   Failure modes of the versions in large training frameworks are avoided on purpose: a NaN/Inf
   loss never enters the statistics (it is skipped and counted in `nonfinite_values`; one NaN in
   an EMA would otherwise flag every later step), the gradient norm watched is the one before
-  any clipping inside `inner`, and skipping selects the old state and zero updates with
-  `jnp.where`, so a non-finite inner update never reaches the parameters.
+  any clipping inside `inner`, the statistics are bias-corrected (an EMA variance started at
+  zero underestimates the spread for hundreds of steps and flags noise as spikes), and skipping
+  selects the old state and zero updates with `jnp.where`, so a non-finite inner update never
+  reaches the parameters.
 
   Args:
     inner: the transform to guard, typically the whole optimizer chain.
     z_thresh: z-score above which a step is a spike; > 0.
     alpha: EMA decay of the statistics; in (0, 1).
-    warmup_steps: observations before spikes are detected; >= 0.
+    warmup_steps: observations before spikes are detected; >= 0 (at least 2 are always used).
     metric: `"value"` (the loss, passed as `value=`) or `"grad_norm"`.
     max_consecutive: skips in a row after which a spike is let through (a Python int >= 1),
       or None to always skip.
@@ -185,9 +198,10 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     count = lambda: jnp.zeros((), jnp.int32)
     scalar = lambda: jnp.zeros((), jnp.float32)
     return SkipSpikesState(
-        inner_state=inner.init(params), count=count(), mean=scalar(), var=scalar(),
-        z_score=scalar(), skipped=jnp.array(False), total_skips=count(),
-        consecutive_skips=count(), level_shifts=count(), nonfinite_values=count())
+        inner_state=inner.init(params), count=count(), mean=scalar(), mean_weight=scalar(),
+        var=scalar(), var_weight=scalar(), z_score=scalar(), skipped=jnp.array(False),
+        total_skips=count(), consecutive_skips=count(), level_shifts=count(),
+        nonfinite_values=count())
 
   def update_fn(updates, state, params=None, **extra_args):
     if metric == "value":
@@ -198,22 +212,24 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     else:
       watched = global_scope.partition(updates).norms(updates)[0]
     finite = jnp.isfinite(watched)
-    live = state.count >= warmup_steps
-    z_score = jnp.where(live & finite, (watched - state.mean) / (jnp.sqrt(state.var) + 1e-12),
-                        0.0)
+    mean, std = _debiased(state)
+    live = (state.count >= warmup_steps) & (state.count >= 2)
+    z_score = jnp.where(live & finite, (watched - mean) / (std + 1e-12), 0.0)
     spike = live & finite & (z_score > z_thresh)
     skip = spike | ~finite
     if max_consecutive is not None:
       skip = skip & ~(spike & (state.consecutive_skips >= max_consecutive))
-
-    # A level shift restarts the mean at the new level (keeping the spread), so the steps
-    # after it are judged against where the run now is.
     level_shift = spike & ~skip
-    restart = (state.count == 0) | level_shift
-    mean = jnp.where(restart, watched, alpha * state.mean + (1 - alpha) * watched)
-    var = jnp.where(state.count == 0, 0.0, jnp.where(
-        level_shift, state.var, alpha * state.var + (1 - alpha) * jnp.square(watched - mean)))
     absorb = finite & ~skip
+
+    mean_weight = alpha * state.mean_weight + (1 - alpha)
+    # A level shift restarts the mean at the new level and keeps the spread.
+    new_mean = jnp.where(level_shift, watched * mean_weight,
+                         alpha * state.mean + (1 - alpha) * watched)
+    grows_var = (state.count > 0) & ~level_shift
+    new_var = jnp.where(grows_var, alpha * state.var + (1 - alpha) * jnp.square(watched - mean),
+                        state.var)
+    var_weight = jnp.where(grows_var, alpha * state.var_weight + (1 - alpha), state.var_weight)
 
     new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
@@ -221,7 +237,10 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     return new_updates, SkipSpikesState(
         inner_state=_tree.select(skip, state.inner_state, new_inner_state),
         count=state.count + absorb.astype(jnp.int32),
-        mean=jnp.where(absorb, mean, state.mean), var=jnp.where(absorb, var, state.var),
+        mean=jnp.where(absorb, new_mean, state.mean),
+        mean_weight=jnp.where(absorb, mean_weight, state.mean_weight),
+        var=jnp.where(absorb, new_var, state.var),
+        var_weight=jnp.where(absorb, var_weight, state.var_weight),
         z_score=z_score, skipped=skip, total_skips=state.total_skips + spike_skip,
         consecutive_skips=jnp.where(spike_skip > 0, state.consecutive_skips + 1,
                                     jnp.where(finite, 0, state.consecutive_skips)),
