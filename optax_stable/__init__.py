@@ -25,6 +25,7 @@ from optax_stable.guards import SkipNonfiniteState
 from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
 from optax_stable.guards import skip_spikes
+from optax_stable.integration import apply_gradients
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
@@ -65,6 +66,7 @@ __all__ = [
     "add_l2_penalty",
     "adagc",
     "adaptive_grad_clip",
+    "apply_gradients",
     "autoclip",
     "clip",
     "clip_by_global_norm",

@@ -10,10 +10,16 @@ def _reports(node: Any) -> bool:
       node, "telemetry_name")
 
 
-def _plain(value: Any) -> Any:
-  # Flax NNX wraps optimizer-state arrays in Variables; their single leaf is the array.
-  leaves = jax.tree.leaves(value)
-  return leaves[0] if len(leaves) == 1 else value
+def _is_variable(node: Any) -> bool:
+  # Flax NNX wraps optimizer-state arrays in Variables (duck-typed: no Flax import here).
+  return callable(getattr(node, "get_value", None)) and not isinstance(node, jax.Array)
+
+
+def _unwrapped(node: Any) -> Any:
+  """`node` with every NNX Variable inside replaced by its array."""
+  leaves, treedef = jax.tree_util.tree_flatten(node, is_leaf=_is_variable)
+  return treedef.unflatten([leaf.get_value() if _is_variable(leaf) else leaf
+                            for leaf in leaves])
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
@@ -46,8 +52,8 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
       name = node.telemetry_name
       seen[name] = seen.get(name, 0) + 1
       prefix = name if seen[name] == 1 else f"{name}_{seen[name]}"
-      for key, value in node.telemetry().items():
-        report[f"{prefix}/{key}"] = _plain(value)
+      for key, value in _unwrapped(node).telemetry().items():
+        report[f"{prefix}/{key}"] = value
       walk(tuple(node))  # wrapped transforms' states report too
 
   walk(opt_state)
