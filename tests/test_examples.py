@@ -18,3 +18,39 @@ def test_quickstart_trains_and_skips_the_poisoned_batch():
   lines = result.stdout.strip().splitlines()
   assert "skipped steps 1" in lines[-2]
   assert float(lines[-1].split()[-1]) > 0.8  # test accuracy after 60 steps
+
+
+def _run_example(*args, cwd=None):
+  pytest.importorskip("flax")
+  return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True,
+                        timeout=600, check=True, cwd=cwd).stdout
+
+
+@pytest.mark.slow
+def test_explosion_demo_baseline_diverges_and_stable_run_trains(tmp_path):
+  pytest.importorskip("matplotlib")
+  pytest.importorskip("tqdm")
+  out = tmp_path / "demo.png"
+  stdout = _run_example(EXAMPLES / "explosion_demo.py", "--quick", "--out", out, cwd=tmp_path)
+  rows = {line.split()[0]: line.split() for line in stdout.splitlines()
+          if line.startswith(("optax.adamw", "robust_adamw"))}
+  assert rows["optax.adamw"][-1] == "DIVERGED"
+  assert rows["robust_adamw"][-1] == "trained"
+  assert float(rows["robust_adamw"][2]) > 0.9  # test accuracy
+  assert int(rows["robust_adamw"][5]) >= 1  # the NaN batch was skipped
+  image = __import__("matplotlib.image", fromlist=["imread"]).imread(out)
+  assert image.ndim == 3 and image.shape[0] > 400 and image.shape[1] > 600
+
+
+def test_linen_trainstate_example_trains():
+  pytest.importorskip("sklearn")
+  lines = _run_example(EXAMPLES / "linen_trainstate.py", "--steps", "100").splitlines()
+  assert "real steps 25" in lines[-2]
+  assert float(lines[-1].split()[-1]) > 0.8
+
+
+def test_checkpoint_resume_example_is_bit_identical(tmp_path):
+  pytest.importorskip("orbax.checkpoint")
+  stdout = _run_example(EXAMPLES / "checkpoint_resume.py", "--steps", "20", "--stop-at", "10",
+                        "--dir", tmp_path)
+  assert stdout.strip().endswith("bit-identical to the uninterrupted run: True")
