@@ -75,8 +75,8 @@ def _check_every_k(every_k: int | Schedule) -> Schedule:
 
 
 def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
-               accumulator_dtype: Any = jnp.float32,
-               skip_nonfinite: bool = True) -> AccumulateTransformation:
+               accumulator_dtype: Any = jnp.float32, skip_nonfinite: bool = True,
+               axis_name: Any = None) -> AccumulateTransformation:
   """Feeds `inner` the mean of every `every_k` micro-batch gradients: one real step per k calls.
 
   On micro-steps 1..k-1 the update is zero and `inner` does not run, so its state (moments,
@@ -97,6 +97,8 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
     every_k: micro-batches per real step: an int >= 1, or a schedule of the real step count.
     accumulator_dtype: dtype of the running sum (float32 by default; None: the gradients').
     skip_nonfinite: drop non-finite micro-batches (True) or let them poison the mean (False).
+    axis_name: inside `shard_map`/`pmap`, the mapped axis: a micro-batch non-finite on any
+      device is dropped on all of them.
 
   Returns:
     An `AccumulateTransformation` (an `optax.GradientTransformationExtraArgs` with
@@ -126,7 +128,7 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
     value = extra_args.pop("value", None)
     finite = jnp.array(True)
     if skip_nonfinite:
-      finite = _tree.all_finite(updates if value is None else (updates, value))
+      finite = _tree.all_finite(updates if value is None else (updates, value), axis_name)
     micro_step = state.micro_step + 1
     final = micro_step >= k_of_step(state.gradient_step)
     finite_count = state.finite_count + finite.astype(jnp.int32)

@@ -127,8 +127,8 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
 
 
 def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
-         stacked: scopes.Stacked = None,
-         exclude: paths.Regexes = None) -> optax.GradientTransformation:
+         stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
+         axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Clips every group of the gradient to the threshold a policy gives it.
 
   The generic transform behind every clipping preset: any policy (`optax_stable.policies`) at
@@ -142,6 +142,8 @@ def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
     stacked: leaves holding a stack of layers (scanned models): a regex or regexes over paths
       (layer axis 0), or a dict `{regex: axis}`; each slice along that axis is its own layer.
     exclude: a regex or regexes over paths of leaves left unclipped.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState`.
@@ -149,10 +151,11 @@ def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
   Example:
     >>> tx = optax.chain(ostab.clip(ostab.policies.fixed(1.0), scope="leaf"), optax.adam(1e-3))
   """
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ClipState)
+  return _clip(policy, scopes.Grouping(scope, stacked, exclude, axis_name), ClipState)
 
 
-def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransformation:
+def clip_by_global_norm(max_norm: float | jax.Array,
+                        axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Clips the whole gradient to global L2 norm at most `max_norm`, with the norm in float32.
 
   Same contract as `optax.clip_by_global_norm`, but the norm is always computed in float32
@@ -162,6 +165,8 @@ def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransforma
 
   Args:
     max_norm: largest allowed global norm; must be positive.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState` (telemetry only).
@@ -173,12 +178,13 @@ def clip_by_global_norm(max_norm: float | jax.Array) -> optax.GradientTransforma
   Example:
     >>> tx = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3))
   """
-  return _clip(policies.fixed(max_norm), scopes.Grouping("global"), ClipByGlobalNormState)
+  return _clip(policies.fixed(max_norm), scopes.Grouping("global", axis_name=axis_name),
+               ClipByGlobalNormState)
 
 
 def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
-                 stacked: scopes.Stacked = None,
-                 exclude: paths.Regexes = None) -> optax.GradientTransformation:
+                 stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
+                 axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Scales each group of the gradient so that its L2 norm is at most `max_norm`.
 
   Groups are defined by `scope` (see `optax_stable.scopes`): the whole tree, one Flax module,
@@ -189,6 +195,8 @@ def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
     scope: `"global"`, `"layer"`, `"leaf"`, `"unit"`, or a callable `(path, leaf) -> label`.
     stacked: leaves of scanned layer stacks (see `clip`), clipped one layer slice at a time.
     exclude: a regex or regexes over paths of leaves left unclipped.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState` (telemetry only).
@@ -200,13 +208,14 @@ def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
   Example:
     >>> tx = optax.chain(ostab.clip_by_norm(1.0, scope="layer"), optax.adam(1e-3))
   """
-  return _clip(policies.fixed(max_norm), scopes.Grouping(scope, stacked, exclude),
+  return _clip(policies.fixed(max_norm), scopes.Grouping(scope, stacked, exclude, axis_name),
                ClipByNormState)
 
 
 def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3,
                        scope: scopes.Scope = "unit", exclude: paths.Regexes = None,
-                       stacked: scopes.Stacked = None) -> optax.GradientTransformation:
+                       stacked: scopes.Stacked = None,
+                       axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Adaptive gradient clipping (AGC): each group's norm at most `clipping` x its params' norm.
 
   Every unit (by default; any scope works, e.g. AGC per layer) is clipped to
@@ -224,6 +233,8 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Arra
     exclude: a regex or regexes over parameter paths left unclipped; NFNets exclude the final
       classifier, e.g. `exclude=r"^head/"`.
     stacked: leaves of scanned layer stacks (see `clip`).
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      (of gradients and parameters) are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose `update` requires `params`.
@@ -236,7 +247,7 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Arra
     >>> tx = optax.chain(ostab.adaptive_grad_clip(0.01, exclude=r"Dense_2/"), optax.sgd(0.1))
   """
   return _clip(policies.relative_to_params(clipping, eps),
-               scopes.Grouping(scope, stacked, exclude), AdaptiveGradClipState)
+               scopes.Grouping(scope, stacked, exclude, axis_name), AdaptiveGradClipState)
 
 
 class AutoClipState(ClipState):
@@ -256,7 +267,8 @@ class AdaGCClipState(ClipState):
 
 def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
              scope: scopes.Scope = "global", stacked: scopes.Stacked = None,
-             exclude: paths.Regexes = None) -> optax.GradientTransformation:
+             exclude: paths.Regexes = None,
+             axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """AutoClip: clips each group to a quantile of its own recent gradient norms.
 
   `clip(policies.quantile(quantile, history_length), scope)`: nothing is clipped on the first
@@ -273,6 +285,8 @@ def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
     scope: where norms are measured (see `clip`).
     stacked: leaves of scanned layer stacks (see `clip`).
     exclude: a regex or regexes over paths of leaves left unclipped.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState` with a `QuantileState`.
@@ -285,7 +299,7 @@ def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
     >>> tx = optax.chain(ostab.autoclip(0.9, scope="leaf"), optax.adam(1e-3))
   """
   return _clip(policies.quantile(quantile, history_length),
-               scopes.Grouping(scope, stacked, exclude), AutoClipState)
+               scopes.Grouping(scope, stacked, exclude, axis_name), AutoClipState)
 
 
 def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
@@ -293,7 +307,8 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
           warmup_steps: int = 25, mode: str = "zscore", clip_option: str = "adaptive_scaling",
           clip_factor: float | jax.Array = 1.0, skip_update_on_spike: bool = False,
           scope: scopes.Scope = "global", stacked: scopes.Stacked = None,
-          exclude: paths.Regexes = None) -> optax.GradientTransformation:
+          exclude: paths.Regexes = None,
+          axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """ZClip: clips norms that are statistical outliers against an EMA of recent norms.
 
   `clip(policies.zscore(...), scope)`, with the semantics of the `zclip` package's `ZClip`
@@ -319,6 +334,8 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
     scope: where norms are measured (see `clip`).
     stacked: leaves of scanned layer stacks (see `clip`).
     exclude: a regex or regexes over paths of leaves left unclipped.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState` with a `ZScoreState`.
@@ -332,14 +349,14 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   """
   policy = policies.zscore(alpha, z_thresh, max_norm, eps, warmup_steps, mode, clip_option,
                            clip_factor, skip_update_on_spike)
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude), ZClipState)
+  return _clip(policy, scopes.Grouping(scope, stacked, exclude, axis_name), ZClipState)
 
 
 def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
           lambda_rel: float | jax.Array = 1.05, warmup_steps: int = 100,
           eps: float | jax.Array = 1e-8, scope: scopes.Scope = "leaf",
-          stacked: scopes.Stacked = None,
-          exclude: paths.Regexes = None) -> optax.GradientTransformation:
+          stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
+          axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """AdaGC: clips each tensor relative to an EMA of its own past clipped norms.
 
   `clip(policies.adagc(...), scope)`: during warm-up the gradient is clipped globally to
@@ -356,6 +373,8 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
     scope: where norms are measured (default `"leaf"`: per tensor).
     stacked: leaves of scanned layer stacks (see `clip`).
     exclude: a regex or regexes over paths of leaves left unclipped.
+    axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
+      are all-reduced across it (see `scopes.Grouping`).
 
   Returns:
     An `optax.GradientTransformation` whose state is a `ClipState` with an `AdaGCState`.
@@ -368,4 +387,4 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
     >>> tx = optax.chain(ostab.adagc(), optax.adam(1e-3))
   """
   return _clip(policies.adagc(beta, lambda_abs, lambda_rel, warmup_steps, eps),
-               scopes.Grouping(scope, stacked, exclude), AdaGCClipState)
+               scopes.Grouping(scope, stacked, exclude, axis_name), AdaGCClipState)

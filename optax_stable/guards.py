@@ -36,8 +36,8 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, max_consecutive: int | None = None
-) -> optax.GradientTransformationExtraArgs:
+    inner: optax.GradientTransformation, max_consecutive: int | None = None,
+    axis_name: scopes.AxisName = None) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that a step with a NaN/Inf gradient changes nothing at all.
 
   If any floating-point element of the gradient is non-finite, the returned update is all
@@ -57,6 +57,8 @@ def skip_nonfinite(
   Args:
     inner: the transform to guard, typically the whole optimizer chain.
     max_consecutive: skips in a row after which non-finite steps pass; None for never.
+    axis_name: inside `shard_map`/`pmap`, the mapped axis: a NaN on any device skips the step
+      on all of them.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (extra arguments are forwarded to `inner`) whose
@@ -75,7 +77,7 @@ def skip_nonfinite(
                               consecutive_skips=count())
 
   def update_fn(updates, state, params=None, **extra_args):
-    nonfinite = jnp.logical_not(_tree.all_finite(updates))
+    nonfinite = jnp.logical_not(_tree.all_finite(updates, axis_name))
     skip = nonfinite
     if max_consecutive is not None:
       skip = skip & (state.consecutive_skips < max_consecutive)
@@ -142,8 +144,8 @@ def _debiased(state: SkipSpikesState) -> tuple[jax.Array, jax.Array]:
 
 def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array = 6.0,
                 alpha: float | jax.Array = 0.99, warmup_steps: int | jax.Array = 50,
-                metric: str = "value",
-                max_consecutive: int | None = 10) -> optax.GradientTransformationExtraArgs:
+                metric: str = "value", max_consecutive: int | None = 10,
+                axis_name: scopes.AxisName = None) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that a step whose loss (or gradient norm) spikes is skipped entirely.
 
   Keeps a bias-corrected EMA mean and variance of a scalar: the loss passed as `value=`
@@ -170,6 +172,9 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     metric: `"value"` (the loss, passed as `value=`) or `"grad_norm"`.
     max_consecutive: skips in a row after which a spike is let through (a Python int >= 1),
       or None to always skip.
+    axis_name: with `metric="grad_norm"` inside `shard_map`/`pmap`, the axis every gradient
+      leaf is split over (the norm is all-reduced). The loss (`value=`) must already be the
+      global one.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `SkipSpikesState`.
@@ -192,7 +197,7 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
   _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
   inner = optax.with_extra_args_support(inner)
-  global_scope = scopes.Grouping("global")
+  global_scope = scopes.Grouping("global", axis_name=axis_name)
 
   def init_fn(params):
     count = lambda: jnp.zeros((), jnp.int32)

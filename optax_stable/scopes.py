@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from optax_stable import paths
 
 Scope = str | Callable[[str, jax.Array], str]
+AxisName = Any  # a mapped axis name (or tuple of names) of shard_map / pmap, or None
 Stacked = str | Sequence[str] | Mapping[str, int] | None
 
 _DOWNSCALE = 2.0**-64  # (float32 max * 2**-64)**2 is still a finite float32
@@ -61,8 +62,9 @@ class Partition:
   """
 
   def __init__(self, treedef: Any, plans: list[_LeafPlan | None], group_sizes: list[int],
-               group_labels: list[str]):
+               group_labels: list[str], axis_name: AxisName = None):
     self.treedef = treedef
+    self.axis_name = axis_name
     self.plans = plans
     self.group_labels = group_labels
     self.group_sizes = group_sizes
@@ -103,6 +105,10 @@ class Partition:
     values = vector[start:start + self.group_sizes[plan.group]]
     return values.reshape(plan.kept_shape)
 
+  def _all_reduce(self, squares: jax.Array) -> jax.Array:
+    # Inside shard_map/pmap every device holds a slice of each leaf: sum the pieces' squares.
+    return squares if self.axis_name is None else jax.lax.psum(squares, self.axis_name)
+
   def norms(self, tree: Any, what: str = "updates") -> jax.Array:
     """Float32 L2 norm of every group of `tree`, as one vector (one read of every leaf)."""
     leaves = self._leaves(tree, what)
@@ -110,7 +116,7 @@ class Partition:
     def sum_squares(leaf, plan):
       return jnp.sum(_abs_sq(leaf), axis=plan.reduce_axes)
 
-    squares = self._combine(self._leaf_stats(leaves, sum_squares), jnp.sum)
+    squares = self._all_reduce(self._combine(self._leaf_stats(leaves, sum_squares), jnp.sum))
 
     def overflow_safe_norms():
       # Only runs on a step where a sum of squares overflowed (or the tree holds NaN/Inf):
@@ -119,7 +125,8 @@ class Partition:
         return jnp.sum(_abs_sq(leaf.astype(_compute_dtype(leaf)) * _DOWNSCALE),
                        axis=plan.reduce_axes)
 
-      downscaled = self._combine(self._leaf_stats(leaves, sum_squares_downscaled), jnp.sum)
+      downscaled = self._all_reduce(
+          self._combine(self._leaf_stats(leaves, sum_squares_downscaled), jnp.sum))
       return jnp.where(jnp.isinf(squares), jnp.sqrt(downscaled) / _DOWNSCALE,
                        jnp.sqrt(squares))
 
@@ -174,9 +181,14 @@ class Grouping:
     stacked: leaves holding a stack of layers along one axis: a regex or a sequence of regexes
       over paths (stacked along axis 0), or a dict `{regex: axis}`.
     exclude: a regex or a sequence of regexes over paths whose leaves belong to no group.
+    axis_name: inside `shard_map` or `pmap`, the mapped axis over which every leaf is split;
+      group norms are then all-reduced (one `psum` of the vector of squared group norms), so a
+      sharded gradient gets the norms of the whole one. Every leaf must be split over it (a
+      leaf replicated on every device would be counted once per device).
   """
 
-  def __init__(self, scope: Scope, stacked: Stacked = None, exclude: paths.Regexes = None):
+  def __init__(self, scope: Scope, stacked: Stacked = None, exclude: paths.Regexes = None,
+               axis_name: AxisName = None):
     if not (callable(scope) or scope in SCOPES):
       raise ValueError(f"`scope` must be one of {SCOPES} or a callable (path, leaf) -> label, "
                        f"got {scope!r}.")
@@ -190,6 +202,7 @@ class Grouping:
         raise ValueError(f"`stacked` axes must be integers, got {axis!r}.")
     self.stacked = [(paths.compile_regexes("stacked", regex)[0], axis) for regex, axis in items]
     self.exclude = paths.compile_regexes("exclude", exclude)
+    self.axis_name = axis_name
 
   def _stack_axis(self, path: str, leaf: jax.Array) -> int | None:
     for regex, axis in self.stacked:
@@ -244,4 +257,5 @@ class Grouping:
           group=labels[label],
           reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
           kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
-    return Partition(treedef, plans, [math.prod(shape) for shape in group_shapes], list(labels))
+    return Partition(treedef, plans, [math.prod(shape) for shape in group_shapes], list(labels),
+                     self.axis_name)
