@@ -36,7 +36,7 @@ class ClipState(NamedTuple):
     grad_norm: global L2 norm of the clipped leaves before clipping.
     clipped_norm: global L2 norm of the same leaves after clipping.
     max_group_norm: largest pre-clip group norm (equals `grad_norm` for scope "global").
-    threshold: threshold of the most strongly clipped group (the one whose `scale` is reported).
+    threshold: threshold of the group with the largest norm (the one `max_group_norm` reports).
     scale: smallest factor applied to any group (1.0: nothing clipped).
     clipped_fraction: fraction of groups whose norm exceeded their threshold.
     nonfinite_steps: number of steps whose norms were not finite (passed through unclipped).
@@ -108,12 +108,12 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
     updates = partition.scale(updates, factors)
 
     if partition.size:
-      most_clipped = jnp.argmin(factors)
+      largest = jnp.argmax(norms)
       report = dict(
           grad_norm=scopes.combined_norm(norms),
           clipped_norm=scopes.combined_norm(norms * factors),
-          max_group_norm=jnp.max(norms), threshold=thresholds[most_clipped],
-          scale=factors[most_clipped], clipped_fraction=jnp.mean(factors < 1.0))
+          max_group_norm=norms[largest], threshold=thresholds[largest],
+          scale=jnp.min(factors), clipped_fraction=jnp.mean(factors < 1.0))
     else:
       report = {field: getattr(state, field) for field in
                 ("grad_norm", "clipped_norm", "max_group_norm", "threshold", "scale",
