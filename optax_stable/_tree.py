@@ -23,3 +23,16 @@ def all_finite(tree: Any, axis_name: Any = None) -> jax.Array:
   if axis_name is not None:
     finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
   return finite
+
+
+def zeros_like_param(param: Any, dtype: Any = None) -> jax.Array:
+  """Zeros shaped, typed (or `dtype`) and, under `jit`, sharded like `param`.
+
+  `jnp.zeros_like` inside `jit` has no data dependency on its argument, so XLA gives it no
+  sharding and a `jax.jit(tx.init)` would replicate every per-parameter buffer. Deriving the
+  zeros from the parameter (NaN/Inf-safe) lets sharding propagation give them the parameter's.
+  """
+  dtype = param.dtype if dtype is None else dtype
+  if not jnp.issubdtype(param.dtype, jnp.inexact):
+    return jnp.zeros_like(param, dtype)
+  return jnp.where(jnp.isfinite(param), jnp.abs(param) * 0, 0).astype(dtype)

@@ -119,7 +119,7 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
     count = lambda: jnp.zeros((), jnp.int32)  # a buffer per field, so the state can be donated
     return AccumulateState(
         micro_step=count(), gradient_step=count(),
-        accumulator=jax.tree.map(lambda p: jnp.zeros_like(p, sum_dtype(p)), params),
+        accumulator=jax.tree.map(lambda p: _tree.zeros_like_param(p, sum_dtype(p)), params),
         finite_count=count(), value_sum=jnp.zeros((), jnp.float32),
         inner_state=inner.init(params), updated=jnp.array(False),
         dropped_microbatches=count(), skipped_steps=count())

@@ -81,7 +81,8 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
 
   def init_fn(params):
     return SpikeClipState(
-        second_moment=jax.tree.map(lambda p: jnp.zeros_like(p, _statistics_dtype(p)), params),
+        second_moment=jax.tree.map(
+            lambda p: _tree.zeros_like_param(p, _statistics_dtype(p)), params),
         count=jnp.zeros((), jnp.int32), clipped_fraction=jnp.zeros((), jnp.float32))
 
   def update_fn(updates, state, params=None):
@@ -191,7 +192,7 @@ def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0
   """
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros_like(p, _statistics_dtype(p))
+    zeros = lambda p: _tree.zeros_like_param(p, _statistics_dtype(p))
     return ScaleByAdamMomentsState(mu=jax.tree.map(zeros, params),
                                    nu=jax.tree.map(zeros, params))
 

@@ -44,10 +44,24 @@ def run(params, state, step_fn, put_batch):
 single = run(params, tx.init(params), jax.jit(step), lambda x: x)
 
 sharded_params = jax.device_put(params, shardings)
-state = tx.init(sharded_params)  # eager init: zeros_like keeps each param's sharding
-accumulator = state.accumulator["dense"]["kernel"]
-assert accumulator.sharding.is_equivalent_to(shardings["dense"]["kernel"], 2), \
-    accumulator.sharding
+kernel_sharding = shardings["dense"]["kernel"]
+is_sharded_like_kernel = lambda leaf: leaf.sharding.is_equivalent_to(kernel_sharding, 2)
+
+# Eager init: every zeros_like keeps its param's sharding, Optax's Adam moments included.
+eager_state = tx.init(sharded_params)
+assert is_sharded_like_kernel(eager_state.accumulator["dense"]["kernel"])
+assert is_sharded_like_kernel(eager_state.inner_state[1][0].mu["dense"]["kernel"])
+
+# Jitted init without out_shardings: our per-parameter buffers still follow their params
+# (Optax's own moments do not: derive out_shardings with optax.tree_map_params for those).
+for name, other in {"accumulate": ostab.accumulate(optax.sgd(0.1), 4),
+                    "spike_clip": ostab.spike_clip(),
+                    "recipes.spam": ostab.recipes.spam()}.items():
+  leaves = jax.tree.leaves(jax.jit(other.init)(sharded_params))
+  buffers = [leaf for leaf in leaves if leaf.shape == (16, 8)]
+  assert buffers and all(map(is_sharded_like_kernel, buffers)), name
+  assert all(leaf.sharding.is_fully_replicated for leaf in leaves if leaf.ndim == 0), name
+state = eager_state
 batch_sharding = NamedSharding(mesh, P("data", None))
 sharded = run(sharded_params, state, jax.jit(step), lambda x: jax.device_put(x, batch_sharding))
 assert sharded[0]["dense"]["kernel"].sharding.is_equivalent_to(shardings["dense"]["kernel"], 2)
