@@ -5,6 +5,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_stable import paths
+
 
 def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
   """Leafwise `jnp.where(pred, a, b)` over two trees of the same structure (scalar `pred`)."""
@@ -36,3 +38,27 @@ def zeros_like_param(param: Any, dtype: Any = None) -> jax.Array:
   if not jnp.issubdtype(param.dtype, jnp.inexact):
     return jnp.zeros_like(param, dtype)
   return jnp.where(jnp.isfinite(param), jnp.abs(param) * 0, 0).astype(dtype)
+
+
+def check_matches(expected: Any, actual: Any, what: str) -> None:
+  """Raises a `ValueError` naming the first path where `actual` differs from `expected`.
+
+  Compares tree structure and leaf shapes (static, so this costs nothing under `jit`).
+  """
+  expected_leaves = jax.tree_util.tree_flatten_with_path(expected)[0]
+  actual_leaves = jax.tree_util.tree_flatten_with_path(actual)[0]
+  for (expected_path, expected_leaf), (actual_path, actual_leaf) in zip(expected_leaves,
+                                                                          actual_leaves):
+    if paths.path_str(expected_path) != paths.path_str(actual_path):
+      raise ValueError(f"The {what} do not match the optimizer state: the state has "
+                       f"{paths.path_str(expected_path)!r} where the {what} have "
+                       f"{paths.path_str(actual_path)!r}.")
+    if jnp.shape(expected_leaf) != jnp.shape(actual_leaf):
+      raise ValueError(f"The {what} do not match the optimizer state at "
+                       f"{paths.path_str(actual_path)!r}: shape {jnp.shape(actual_leaf)}, "
+                       f"state {jnp.shape(expected_leaf)}.")
+  if len(expected_leaves) != len(actual_leaves):
+    longer = expected_leaves if len(expected_leaves) > len(actual_leaves) else actual_leaves
+    owner = "state" if longer is expected_leaves else what
+    raise ValueError(f"The {what} do not match the optimizer state: only the {owner} has "
+                     f"{paths.path_str(longer[min(len(expected_leaves), len(actual_leaves))][0])!r}.")

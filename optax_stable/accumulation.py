@@ -125,6 +125,7 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
         dropped_microbatches=count(), skipped_steps=count())
 
   def update_fn(updates, state, params=None, **extra_args):
+    _tree.check_matches(state.accumulator, updates, "gradients")
     value = extra_args.pop("value", None)
     finite = jnp.array(True)
     if skip_nonfinite:

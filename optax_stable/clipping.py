@@ -93,6 +93,14 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
 
   def update_fn(updates, state, params=None):
     partition = grouping.partition(updates)
+    expected = jax.eval_shape(policy.init,
+                              jax.ShapeDtypeStruct((partition.size,), jnp.float32))
+    if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.policy_state):
+      # Per-group statistics are the only structure a clipping state records.
+      raise ValueError(
+          f"The gradients do not match the optimizer state of `{state_type.telemetry_name}`: "
+          f"they form {partition.size} norm groups ({partition.group_labels[:3]}...), the state "
+          "was initialised for a different tree.")
     norms = partition.norms(updates)
     param_norms = None
     if policy.needs_params:

@@ -87,6 +87,7 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_matches(state.second_moment, updates, "gradients")
     step = state.count + 1
     phase = step if reset_every is None else step % reset_every
     active = (step >= warmup_steps) & (phase >= warmup_steps)
@@ -198,6 +199,7 @@ def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0
 
   def update_fn(updates, state, params=None):
     del params
+    _tree.check_matches(state.mu, updates, "gradients")
     mu = jax.tree.map(lambda m, g: m + (1 - b1) * (g.astype(m.dtype) - m), state.mu, updates)
     nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)), state.nu,
                       updates)

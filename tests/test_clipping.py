@@ -329,3 +329,25 @@ def test_telemetry_norms_survive_float32_overflow_across_groups():
   _, state = _clip(grads, "layer")
   np.testing.assert_allclose(float(state.grad_norm), np.sqrt(8) * 1e30, rtol=1e-6)
   np.testing.assert_allclose(float(state.clipped_norm), np.sqrt(2), rtol=1e-6)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ostab.accumulate(optax.sgd(1.0), 2), lambda: ostab.spike_clip(),
+    lambda: ostab.scale_by_adam_moments()], ids=["accumulate", "spike_clip", "adam_moments"])
+def test_gradients_that_do_not_match_the_state_name_the_first_bad_path(make):
+  params = {"a": {"w": jnp.ones((2, 3))}, "b": jnp.ones(3)}
+  tx = make()
+  state = tx.init(params)
+  cases = {"shape (2, 4)": {"a": {"w": jnp.ones((2, 4))}, "b": jnp.ones(3)},
+           "'a/v'": {"a": {"v": jnp.ones((2, 3))}, "b": jnp.ones(3)},
+           "only the state has 'b'": {"a": {"w": jnp.ones((2, 3))}}}
+  for message, grads in cases.items():
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+      tx.update(grads, state, params)
+
+
+def test_adaptive_clip_state_rejects_a_tree_with_other_groups():
+  tx = ostab.zclip(scope="leaf")
+  state = tx.init({"a": jnp.ones(2), "b": jnp.ones(2)})
+  with pytest.raises(ValueError, match="norm groups"):
+    tx.update({"a": jnp.ones(2)}, state)
