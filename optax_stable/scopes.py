@@ -21,8 +21,9 @@ Leaves whose dtype is not floating point (step counters, integer buffers) and le
 
 All group norms of a tree are laid out in one float32 vector, so a threshold policy sees one
 array whatever the scope. A tree's norms take one read of every leaf, in float32 whatever the
-leaf's dtype. A sum of squares that overflows float32 (elements above ~1e19) is recomputed from
-a downscaled copy, in a `lax.cond` branch that only runs on such a step. (XLA's static
+leaf's dtype. A sum of squares that overflows float32 (elements above ~1e19) is recomputed with
+each group rescaled by its largest magnitude, in a `lax.cond` branch that only runs on such a
+step. (XLA's static
 `cost_analysis()` counts that branch's read too; at run time a normal step reads each leaf once.)
 """
 
@@ -40,7 +41,6 @@ Scope = str | Callable[[str, jax.Array], str]
 AxisName = Any  # a mapped axis name (or tuple of names) of shard_map / pmap, or None
 Stacked = str | Sequence[str] | Mapping[str, int] | None
 
-_DOWNSCALE = 2.0**-64  # (float32 max * 2**-64)**2 is still a finite float32
 
 SCOPES = ("global", "layer", "leaf", "unit")
 
@@ -105,9 +105,9 @@ class Partition:
     values = vector[start:start + self.group_sizes[plan.group]]
     return values.reshape(plan.kept_shape)
 
-  def _all_reduce(self, squares: jax.Array) -> jax.Array:
-    # Inside shard_map/pmap every device holds a slice of each leaf: sum the pieces' squares.
-    return squares if self.axis_name is None else jax.lax.psum(squares, self.axis_name)
+  def _all_reduce(self, values: jax.Array, reduce: Callable = jax.lax.psum) -> jax.Array:
+    # Inside shard_map/pmap every device holds a slice of each leaf: combine the pieces.
+    return values if self.axis_name is None else reduce(values, self.axis_name)
 
   def norms(self, tree: Any, what: str = "updates") -> jax.Array:
     """Float32 L2 norm of every group of `tree`, as one vector (one read of every leaf)."""
@@ -120,15 +120,22 @@ class Partition:
 
     def overflow_safe_norms():
       # Only runs on a step where a sum of squares overflowed (or the tree holds NaN/Inf):
-      # some element exceeds ~1e19, so what the downscaling flushes to zero is negligible.
-      def sum_squares_downscaled(leaf, plan):
-        return jnp.sum(_abs_sq(leaf.astype(_compute_dtype(leaf)) * _DOWNSCALE),
-                       axis=plan.reduce_axes)
+      # rescale each group by its largest magnitude. (A constant downscale does not work: XLA
+      # reassociates (x * c)**2 into x**2 * c**2, which overflows again.)
+      def max_abs(leaf, plan):
+        return jnp.max(jnp.abs(leaf).astype(jnp.float32), axis=plan.reduce_axes)
 
-      downscaled = self._all_reduce(
-          self._combine(self._leaf_stats(leaves, sum_squares_downscaled), jnp.sum))
-      return jnp.where(jnp.isinf(squares), jnp.sqrt(downscaled) / _DOWNSCALE,
-                       jnp.sqrt(squares))
+      scales = self._all_reduce(self._combine(self._leaf_stats(leaves, max_abs), jnp.max),
+                                jax.lax.pmax)
+      scales = jnp.where(scales > 0, scales, 1.0)
+
+      def scaled_squares(leaf, plan):
+        scaled = leaf.astype(_compute_dtype(leaf)) / self._group_values(scales, plan)
+        return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
+
+      rescaled = self._all_reduce(self._combine(self._leaf_stats(leaves, scaled_squares),
+                                                jnp.sum))
+      return jnp.where(jnp.isinf(squares), scales * jnp.sqrt(rescaled), jnp.sqrt(squares))
 
     return jax.lax.cond(jnp.all(jnp.isfinite(squares)), lambda: jnp.sqrt(squares),
                         overflow_safe_norms)

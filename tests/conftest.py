@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 
 hypothesis.settings.register_profile(
-    "default", max_examples=30, deadline=None, derandomize=True,
+    "default", max_examples=20, deadline=None, derandomize=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow])
+hypothesis.settings.register_profile(
+    "thorough", max_examples=200, deadline=None,
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
