@@ -15,8 +15,10 @@ SCRIPTS = pathlib.Path(__file__).parent / "multidevice"
 
 
 @pytest.mark.parametrize("script", [
-    "accumulate_sharded.py",     # FSDP mesh: accumulator sharded like its param, same result
+    "accumulate_sharded.py",     # FSDP mesh: per-param buffers sharded like their params
     "shard_map_transforms.py",   # axis_name: sharded updates and states == unsharded ones
+    pytest.param("sharded_training.py",  # every transform and recipe, DP and FSDP, 10 steps
+                 marks=pytest.mark.slow),
 ])
 def test_on_8_simulated_devices(script):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
