@@ -1,0 +1,52 @@
+"""Edge cases every transform handles: empty trees, integer leaves, donated buffers."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_stable as ostab
+from test_checkpointing import TRANSFORMS
+
+# Transforms that only reshape the gradient (no optimizer inside), for the integer-leaf rule.
+GRADIENT_ONLY = ["clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
+                 "autoclip[leaf]", "zclip", "adagc", "spike_clip"]
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_empty_tree(name):
+  tx = optax.with_extra_args_support(TRANSFORMS[name]())
+  updates, state = jax.jit(lambda s: tx.update({}, s, {}, value=jnp.float32(1.0)))(tx.init({}))
+  assert updates == {}
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(state))
+
+
+@pytest.mark.parametrize("name", GRADIENT_ONLY)
+def test_integer_leaves_pass_through_untouched(name):
+  params = {"w": jnp.ones((3, 2)), "step": jnp.array(7, jnp.int32)}
+  grads = {"w": jnp.full((3, 2), 50.0), "step": jnp.array(7, jnp.int32)}
+  tx = TRANSFORMS[name]()
+  updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+  assert updates["step"].dtype == jnp.int32 and int(updates["step"]) == 7
+
+
+@pytest.mark.parametrize("name", list(TRANSFORMS))
+def test_donated_train_step_reuses_every_buffer(name):
+  tx = optax.with_extra_args_support(TRANSFORMS[name]())
+  params = {"w": jnp.ones((8, 4)), "b": jnp.zeros((4,))}
+
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params, value=jnp.float32(1.0))
+    return optax.apply_updates(params, updates), state
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  state = tx.init(params)
+  grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*donat.*")
+    for _ in range(3):
+      params, state = step(params, state, grads)
+  assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
