@@ -35,6 +35,19 @@ def check_non_negative(name: str, value: Any) -> None:
     raise ValueError(f"`{name}` must be >= 0, got {value!r}.")
 
 
+def check_interval(name: str, value: Any, low: float, high: float, include_low: bool,
+                   include_high: bool) -> None:
+  """Raises a `ValueError` naming `name` unless `value` lies in the interval (or is traced)."""
+  number = concrete_value(value)
+  if number is None:
+    return
+  above = number >= low if include_low else number > low
+  below = number <= high if include_high else number < high
+  if not (above and below):
+    interval = f"{'[' if include_low else '('}{low:g}, {high:g}{']' if include_high else ')'}"
+    raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
+
+
 def check_static_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> None:
   """Raises a `ValueError` naming `name` unless `value` is a Python int >= `minimum`.
 

@@ -189,9 +189,7 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     >>> updates, state = tx.update(grads, state, params, value=loss)
   """
   _validation.check_positive("z_thresh", z_thresh)
-  number = _validation.concrete_value(alpha)
-  if number is not None and not 0.0 < number < 1.0:
-    raise ValueError(f"`alpha` must be in (0, 1), got {alpha!r}.")
+  _validation.check_interval("alpha", alpha, 0.0, 1.0, False, False)
   _validation.check_non_negative("warmup_steps", warmup_steps)
   if metric not in METRICS:
     raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")

@@ -99,16 +99,6 @@ def relative_to_params(clipping: float | jax.Array,
   return ThresholdPolicy(_stateless, threshold, needs_params=True)
 
 
-def _check_unit_interval(name: str, value: Any, closed: bool) -> None:
-  number = _validation.concrete_value(value)
-  if number is None:
-    return
-  inside = 0.0 <= number <= 1.0 if closed else 0.0 < number < 1.0
-  if not inside:
-    interval = "[0, 1]" if closed else "(0, 1)"
-    raise ValueError(f"`{name}` must be in {interval}, got {value!r}.")
-
-
 class QuantileState(NamedTuple):
   """State of `policies.quantile`: the last norms of every group, in arrival and sorted order.
 
@@ -167,7 +157,7 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
   Example:
     >>> tx = ostab.clip(ostab.policies.quantile(0.9, 1000), scope="leaf")
   """
-  _check_unit_interval("quantile", quantile, closed=True)
+  _validation.check_interval("quantile", quantile, 0.0, 1.0, True, True)
   _validation.check_static_int("history_length", history_length, 1)
 
   def init(norms_template):
@@ -269,7 +259,7 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   Example:
     >>> tx = ostab.clip(ostab.policies.zscore(z_thresh=2.5), scope="layer")
   """
-  _check_unit_interval("alpha", alpha, closed=False)
+  _validation.check_interval("alpha", alpha, 0.0, 1.0, False, False)
   _validation.check_positive("z_thresh", z_thresh)
   if max_norm is not None:
     _validation.check_positive("max_norm", max_norm)
@@ -370,7 +360,7 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   Example:
     >>> tx = ostab.clip(ostab.policies.adagc(), scope="leaf")
   """
-  _check_unit_interval("beta", beta, closed=False)
+  _validation.check_interval("beta", beta, 0.0, 1.0, False, False)
   _validation.check_positive("lambda_abs", lambda_abs)
   _validation.check_positive("lambda_rel", lambda_rel)
   _validation.check_non_negative("warmup_steps", warmup_steps)

@@ -17,6 +17,16 @@ from optax_stable import spam as spam_lib
 from optax_stable import weight_decay as weight_decay_lib
 
 
+def _check_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any) -> None:
+  if not callable(learning_rate):
+    _validation.check_non_negative("learning_rate", learning_rate)
+  _validation.check_interval("b1", b1, 0.0, 1.0, True, False)
+  _validation.check_interval("b2", b2, 0.0, 1.0, True, False)
+  _validation.check_non_negative("eps", eps)
+  if not callable(weight_decay):
+    _validation.check_non_negative("weight_decay", weight_decay)
+
+
 def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
           beta: float = 0.98, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
           warmup_steps: int = 100, weight_decay: float = 0.1,
@@ -52,6 +62,7 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
   Example:
     >>> tx = ostab.recipes.adagc(learning_rate=3e-4, warmup_steps=500)
   """
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
   return optax.chain(
       clipping.adagc(beta=beta, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
                      warmup_steps=warmup_steps, eps=eps, scope="leaf"),
@@ -122,8 +133,11 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: floa
   Example:
     >>> tx = ostab.recipes.spam(learning_rate=1e-3, update_proj_gap=500)
   """
-  if threshold < 0:
-    raise ValueError(f"`threshold` must be >= 0, got {threshold!r}.")
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
+  _validation.check_non_negative("threshold", threshold)
+  _validation.check_static_int("warmup_steps", warmup_steps, 0)
+  _validation.check_static_int("grad_accu_steps", grad_accu_steps, 0)
+  _validation.check_static_int("update_proj_gap", update_proj_gap, 1)
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
   parts = []
   if threshold:
@@ -217,6 +231,7 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: flo
   Example:
     >>> tx = ostab.recipes.robust_adamw(3e-4, weight_decay=0.1, accumulate_every=4)
   """
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
   _validation.check_static_int("accumulate_every", accumulate_every, 1)
   clip_transform = _clipping_transform(clip, clip_kwargs)
   tx = optax.chain(

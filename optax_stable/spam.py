@@ -16,6 +16,12 @@ from optax_stable import _tree
 from optax_stable import _validation
 
 
+def _check_adam_moments(b1: Any, b2: Any, eps: Any) -> None:
+  _validation.check_interval("b1", b1, 0.0, 1.0, True, False)
+  _validation.check_interval("b2", b2, 0.0, 1.0, True, False)
+  _validation.check_non_negative("eps", eps)
+
+
 def _statistics_dtype(leaf: Any) -> Any:
   """At least float32 (bf16/fp16 statistics would lose the small squares), float64 kept."""
   return jnp.promote_types(leaf.dtype, jnp.float32)
@@ -73,9 +79,7 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
     >>> tx = optax.chain(ostab.spike_clip(5000.0), optax.adam(1e-3))
   """
   _validation.check_positive("threshold", threshold)
-  number = _validation.concrete_value(b2)
-  if number is not None and not 0.0 < number < 1.0:
-    raise ValueError(f"`b2` must be in (0, 1), got {b2!r}.")
+  _validation.check_interval("b2", b2, 0.0, 1.0, False, False)
   _validation.check_non_negative("warmup_steps", warmup_steps)
   _validation.check_static_int("reset_every", reset_every, 1, allow_none=True)
 
@@ -191,6 +195,7 @@ def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0
   Example:
     >>> tx = ostab.periodic_reset(ostab.scale_by_adam_moments(), every=500)
   """
+  _check_adam_moments(b1, b2, eps)
 
   def init_fn(params):
     zeros = lambda p: _tree.zeros_like_param(p, _statistics_dtype(p))
