@@ -31,6 +31,10 @@ TRANSFORMS = {
         1e-2, accumulate_every=2, clip_kwargs={"warmup_steps": 2}),
 }
 
+# The entries above that only reshape gradients (no optimizer inside): trained behind Adam.
+GRADIENT_ONLY = ("clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
+                 "autoclip[leaf]", "zclip", "adagc", "spike_clip")
+
 STEPS, SAVE_AFTER = 8, 5
 
 

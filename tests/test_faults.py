@@ -15,12 +15,10 @@ import optax
 import pytest
 
 import optax_stable as ostab
-from test_checkpointing import TRANSFORMS
+from test_checkpointing import GRADIENT_ONLY, TRANSFORMS
 
 STEPS = 200
 FAULTS = ("nan", "+inf", "-inf", "1e30")
-GRADIENT_ONLY = {"clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
-                 "autoclip[leaf]", "zclip", "adagc", "spike_clip"}
 
 
 class _MLP(nn.Module):

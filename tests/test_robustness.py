@@ -9,11 +9,7 @@ import optax
 import pytest
 
 import optax_stable as ostab
-from test_checkpointing import TRANSFORMS
-
-# Transforms that only reshape the gradient (no optimizer inside), for the integer-leaf rule.
-GRADIENT_ONLY = ["clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
-                 "autoclip[leaf]", "zclip", "adagc", "spike_clip"]
+from test_checkpointing import GRADIENT_ONLY, TRANSFORMS
 
 
 @pytest.mark.parametrize("name", list(TRANSFORMS))

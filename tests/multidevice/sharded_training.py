@@ -19,7 +19,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from test_checkpointing import TRANSFORMS  # pylint: disable=wrong-import-position
+from test_checkpointing import GRADIENT_ONLY, TRANSFORMS  # pylint: disable=wrong-import-position
 
 assert jax.device_count() == 8, jax.devices()
 mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "data"))
@@ -79,10 +79,6 @@ def check_close(name, got, expected):
     np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=2e-6 * scale,
                                err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
-
-# Gradient-only transforms are trained behind Adam; the rest include their optimizer.
-GRADIENT_ONLY = {"clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
-                 "autoclip[leaf]", "zclip", "adagc", "spike_clip"}
 
 for name, make in TRANSFORMS.items():
   tx = make()
