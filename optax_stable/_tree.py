@@ -40,7 +40,8 @@ def zeros_like_param(param: Any, dtype: Any = None) -> jax.Array:
   return jnp.where(jnp.isfinite(param), jnp.abs(param) * 0, 0).astype(dtype)
 
 
-def check_matches(expected: Any, actual: Any, what: str) -> None:
+def check_matches(expected: Any, actual: Any, what: str,
+                  against: str = "the optimizer state") -> None:
   """Raises a `ValueError` naming the first path where `actual` differs from `expected`.
 
   Compares tree structure and leaf shapes (static, so this costs nothing under `jit`).
@@ -50,15 +51,15 @@ def check_matches(expected: Any, actual: Any, what: str) -> None:
   for (expected_path, expected_leaf), (actual_path, actual_leaf) in zip(expected_leaves,
                                                                           actual_leaves):
     if paths.path_str(expected_path) != paths.path_str(actual_path):
-      raise ValueError(f"The {what} do not match the optimizer state: the state has "
+      raise ValueError(f"The {what} do not match {against}: it has "
                        f"{paths.path_str(expected_path)!r} where the {what} have "
                        f"{paths.path_str(actual_path)!r}.")
     if jnp.shape(expected_leaf) != jnp.shape(actual_leaf):
-      raise ValueError(f"The {what} do not match the optimizer state at "
+      raise ValueError(f"The {what} do not match {against} at "
                        f"{paths.path_str(actual_path)!r}: shape {jnp.shape(actual_leaf)}, "
-                       f"state {jnp.shape(expected_leaf)}.")
+                       f"expected {jnp.shape(expected_leaf)}.")
   if len(expected_leaves) != len(actual_leaves):
     longer = expected_leaves if len(expected_leaves) > len(actual_leaves) else actual_leaves
-    owner = "state" if longer is expected_leaves else what
-    raise ValueError(f"The {what} do not match the optimizer state: only the {owner} has "
+    owner = against if longer is expected_leaves else f"the {what}"
+    raise ValueError(f"The {what} do not match {against}: only {owner} has "
                      f"{paths.path_str(longer[min(len(expected_leaves), len(actual_leaves))][0])!r}.")

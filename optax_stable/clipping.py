@@ -107,6 +107,7 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
       if params is None:
         raise ValueError(f"`{state_type.telemetry_name}` needs the parameters: call "
                          "`update(updates, state, params)`.")
+      _tree.check_matches(updates, params, "params", against="the gradients")
       param_norms = partition.norms(params, what="params")
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
     thresholds = jnp.asarray(thresholds, jnp.float32)

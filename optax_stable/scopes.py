@@ -143,8 +143,8 @@ class Partition:
   def scale(self, tree: Any, factors: jax.Array) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
 
-    The product is taken in (at least) float32 and cast back to the leaf's dtype, so a factor of exactly
-    1.0 leaves a group bit-for-bit unchanged.
+    The product is taken in (at least) float32 and cast back to the leaf's dtype, so a factor
+    of exactly 1.0 leaves a group bit-for-bit unchanged.
     """
     leaves = self._leaves(tree, "updates")
     scaled = []

@@ -313,7 +313,7 @@ def test_unknown_scope_is_rejected():
 def test_mismatched_params_structure_is_reported(tree_factory):
   grads = tree_factory()
   tx = ostab.adaptive_grad_clip(0.01)
-  with pytest.raises(ValueError, match="structure of `params`"):
+  with pytest.raises(ValueError, match="params do not match the gradients"):
     tx.update(grads, tx.init(grads), {"other": jnp.ones(3)})
 
 
@@ -340,7 +340,7 @@ def test_gradients_that_do_not_match_the_state_name_the_first_bad_path(make):
   state = tx.init(params)
   cases = {"shape (2, 4)": {"a": {"w": jnp.ones((2, 4))}, "b": jnp.ones(3)},
            "'a/v'": {"a": {"v": jnp.ones((2, 3))}, "b": jnp.ones(3)},
-           "only the state has 'b'": {"a": {"w": jnp.ones((2, 3))}}}
+           "only the optimizer state has 'b'": {"a": {"w": jnp.ones((2, 3))}}}
   for message, grads in cases.items():
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
       tx.update(grads, state, params)
