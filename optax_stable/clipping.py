@@ -89,12 +89,11 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
         grad_norm=zero(), clipped_norm=zero(), max_group_norm=zero(), threshold=zero(),
         scale=jnp.ones((), jnp.float32), clipped_fraction=zero(),
         nonfinite_steps=jnp.zeros((), jnp.int32),
-        policy_state=policy.init(jnp.zeros((partition.size,), jnp.float32)))
+        policy_state=policy.init(partition.zeros(params)))
 
   def update_fn(updates, state, params=None):
     partition = grouping.partition(updates)
-    expected = jax.eval_shape(policy.init,
-                              jax.ShapeDtypeStruct((partition.size,), jnp.float32))
+    expected = jax.eval_shape(lambda: policy.init(partition.zeros(updates)))
     if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.policy_state):
       # Per-group statistics are the only structure a clipping state records.
       raise ValueError(
@@ -110,19 +109,23 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
       _tree.check_matches(updates, params, "params", against="the gradients")
       param_norms = partition.norms(params, what="params")
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
-    thresholds = jnp.asarray(thresholds, jnp.float32)
 
-    finite = jnp.all(jnp.isfinite(norms))
-    factors = jnp.where(finite, jnp.minimum(1.0, thresholds / jnp.maximum(norms, _TINY)), 1.0)
+    finite = jnp.all(jnp.isfinite(scopes.flat(norms)))
+    factors = scopes.map_groups(
+        lambda threshold, norm: jnp.where(
+            finite, jnp.minimum(1.0, threshold / jnp.maximum(norm, _TINY)), 1.0),
+        thresholds, norms)
     updates = partition.scale(updates, factors)
 
     if partition.size:
-      largest = jnp.argmax(norms)
+      flat_norms, flat_factors = scopes.flat(norms), scopes.flat(factors)
+      largest = jnp.argmax(flat_norms)
       report = dict(
-          grad_norm=scopes.combined_norm(norms),
-          clipped_norm=scopes.combined_norm(norms * factors),
-          max_group_norm=norms[largest], threshold=thresholds[largest],
-          scale=jnp.min(factors), clipped_fraction=jnp.mean(factors < 1.0))
+          grad_norm=scopes.combined_norm(flat_norms),
+          clipped_norm=scopes.combined_norm(flat_norms * flat_factors),
+          max_group_norm=flat_norms[largest],
+          threshold=scopes.flat(thresholds)[largest].astype(jnp.float32),
+          scale=jnp.min(flat_factors), clipped_fraction=jnp.mean(flat_factors < 1.0))
     else:
       report = {field: getattr(state, field) for field in
                 ("grad_norm", "clipped_norm", "max_group_norm", "threshold", "scale",

@@ -1,9 +1,10 @@
 """How large a norm may be: threshold policies for `optax_stable.clip`.
 
-A policy maps the vector of group norms (one float32 entry per group, laid out by a scope; see
-`optax_stable.scopes`) to a vector of thresholds, and may keep array state across steps (a
-history of norms, EMA statistics). Each entry is an independent group, so every policy works at
-every scope. The clipping transform owns everything else: measuring norms, computing the scale
+A policy maps the group norms (a norm container: one float32 vector, or per-leaf arrays at
+scope "unit"; see `optax_stable.scopes`) to thresholds of the same layout, and may keep array
+state across steps (a history of norms, EMA statistics). Each entry is an independent group and
+policies map over the container's arrays (`scopes.map_groups`), so every policy works at every
+scope and per-group statistics are laid out (and sharded) like the norms. The clipping transform owns everything else: measuring norms, computing the scale
 factors, passing non-finite steps through, and freezing the policy's state on them.
 
 A policy state that reports telemetry defines `telemetry(self) -> dict[str, jax.Array]`; its
@@ -31,8 +32,8 @@ class ThresholdPolicy(NamedTuple):
   """A threshold rule with its own array state.
 
   Attributes:
-    init: `norms_template -> state`; the template is a float32 zeros vector with one entry per
-      group, so per-group statistics can be shaped after it.
+    init: `norms_template -> state`; the template is a float32 zeros norm container, so
+      per-group statistics can be shaped (and sharded) after it.
     threshold: `(norms, state, param_norms) -> (thresholds, new_state)`; `param_norms` holds
       the parameters' norms over the same groups when `needs_params`, else None.
     needs_params: whether thresholds depend on the parameters (`update` then requires them).
@@ -65,7 +66,7 @@ def fixed(max_norm: float | jax.Array) -> ThresholdPolicy:
 
   def threshold(norms, state, param_norms):
     del param_norms
-    return jnp.full_like(norms, max_norm), state
+    return scopes.map_groups(lambda n: jnp.full_like(n, max_norm), norms), state
 
   return ThresholdPolicy(_stateless, threshold)
 
@@ -94,7 +95,7 @@ def relative_to_params(clipping: float | jax.Array,
 
   def threshold(norms, state, param_norms):
     del norms
-    return clipping * jnp.maximum(param_norms, eps), state
+    return scopes.map_groups(lambda p: clipping * jnp.maximum(p, eps), param_norms), state
 
   return ThresholdPolicy(_stateless, threshold, needs_params=True)
 
@@ -115,8 +116,10 @@ class QuantileState(NamedTuple):
   threshold: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"quantile_threshold": jnp.max(self.threshold, initial=0.0),
-            "history_filled": jnp.minimum(self.count, self.history.shape[0])}
+    history_length = jax.tree.leaves(self.history)[0].shape[0] if jax.tree.leaves(
+        self.history) else 0
+    return {"quantile_threshold": jnp.max(scopes.flat(self.threshold), initial=0.0),
+            "history_filled": jnp.minimum(self.count, history_length)}
 
 
 def _replace_sorted(ordered: jax.Array, evicted: jax.Array, value: jax.Array) -> jax.Array:
@@ -161,10 +164,12 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
   _validation.check_static_int("history_length", history_length, 1)
 
   def init(norms_template):
-    history = jnp.zeros((history_length,) + norms_template.shape, jnp.float32)
-    return QuantileState(history=history, ordered=jnp.full_like(history, NO_LIMIT),
-                         count=jnp.zeros((), jnp.int32),
-                         threshold=jnp.full_like(norms_template, NO_LIMIT))
+    # Stacking the template keeps its sharding on the group axes.
+    history = scopes.map_groups(lambda z: jnp.stack([z] * history_length), norms_template)
+    return QuantileState(
+        history=history, ordered=scopes.map_groups(lambda h: h + NO_LIMIT, history),
+        count=jnp.zeros((), jnp.int32),
+        threshold=scopes.map_groups(lambda z: z + NO_LIMIT, norms_template))
 
   def threshold(norms, state, param_norms):
     del param_norms
@@ -173,14 +178,18 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
     low = jnp.floor(position).astype(jnp.int32)
     high = jnp.minimum(low + 1, jnp.maximum(filled - 1, 0))
     fraction = position - low
-    low_value, high_value = state.ordered[low], state.ordered[high]
-    thresholds = jnp.where(filled > 0, low_value + fraction * (high_value - low_value), NO_LIMIT)
-
     slot = state.count % history_length
-    evicted = jnp.where(state.count >= history_length, state.history[slot], NO_LIMIT)
-    ordered = _replace_sorted(state.ordered, evicted, norms)
-    return thresholds, QuantileState(history=state.history.at[slot].set(norms), ordered=ordered,
-                                     count=state.count + 1, threshold=thresholds)
+
+    def per_array(n, history, ordered):
+      interpolated = ordered[low] + fraction * (ordered[high] - ordered[low])
+      thresholds = jnp.where(filled > 0, interpolated, NO_LIMIT)
+      evicted = jnp.where(state.count >= history_length, history[slot], NO_LIMIT)
+      return thresholds, history.at[slot].set(n), _replace_sorted(ordered, evicted, n)
+
+    thresholds, history, ordered = scopes.map_groups(per_array, norms, state.history,
+                                                     state.ordered, outputs=3)
+    return thresholds, QuantileState(history=history, ordered=ordered, count=state.count + 1,
+                                     threshold=thresholds)
 
   return ThresholdPolicy(init, threshold)
 
@@ -207,9 +216,10 @@ class ZScoreState(NamedTuple):
   spike: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"ema_mean": jnp.max(self.mean, initial=0.0),
-            "ema_std": jnp.max(jnp.sqrt(self.var), initial=0.0),
-            "spike_fraction": jnp.mean(self.spike) if self.spike.size else jnp.zeros(())}
+    spikes = scopes.flat(self.spike)
+    return {"ema_mean": jnp.max(scopes.flat(self.mean), initial=0.0),
+            "ema_std": jnp.sqrt(jnp.max(scopes.flat(self.var), initial=0.0)),
+            "spike_fraction": jnp.mean(spikes) if spikes.size else jnp.zeros(())}
 
 
 def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
@@ -275,43 +285,46 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
 
   def init(norms_template):
     return ZScoreState(
-        warmup_norms=jnp.zeros((warmup_length,) + norms_template.shape, jnp.float32),
-        count=jnp.zeros((), jnp.int32), mean=jnp.zeros_like(norms_template),
-        var=jnp.zeros_like(norms_template),
-        spike=jnp.zeros(norms_template.shape, bool))
+        warmup_norms=scopes.map_groups(lambda z: jnp.stack([z] * warmup_length), norms_template),
+        count=jnp.zeros((), jnp.int32), mean=scopes.map_groups(jnp.copy, norms_template),
+        var=scopes.map_groups(jnp.copy, norms_template),
+        spike=scopes.map_groups(lambda z: z > 0, norms_template))
 
   def threshold(norms, state, param_norms):
     del param_norms
     warming = state.count < warmup_length
-    warmup_norms = jnp.where(warming, state.warmup_norms.at[
-        jnp.minimum(state.count, warmup_length - 1)].set(norms), state.warmup_norms)
-    warm_mean = jnp.mean(warmup_norms, axis=0)
-    warm_var = jnp.mean(jnp.square(warmup_norms - warm_mean), axis=0)
-
-    std = jnp.sqrt(state.var)
-    if mode == "percentile":
-      limit = state.mean + z_thresh * std
-      spike = norms > limit
-    else:
-      z = (norms - state.mean) / (std + eps)
-      spike = z > z_thresh
-      if clip_option == "adaptive_scaling":
-        limit = (state.mean + z_thresh * std / (z / z_thresh)) * clip_factor
-      else:
-        limit = state.mean
-    absorbed = jnp.where(spike, limit, norms)
-    mean = alpha * state.mean + (1 - alpha) * absorbed
-    var = alpha * state.var + (1 - alpha) * jnp.square(absorbed - mean)
-    if skip_update_on_spike:
-      mean, var = jnp.where(spike, state.mean, mean), jnp.where(spike, state.var, var)
-
     ends_warmup = state.count + 1 == warmup_length
-    thresholds = jnp.minimum(jnp.where(warming | ~spike, NO_LIMIT, limit), cap)
-    return thresholds, ZScoreState(
-        warmup_norms=warmup_norms, count=state.count + 1,
-        mean=jnp.where(warming, jnp.where(ends_warmup, warm_mean, state.mean), mean),
-        var=jnp.where(warming, jnp.where(ends_warmup, warm_var, state.var), var),
-        spike=spike & ~warming)
+
+    def per_array(n, warmup_norms, ema_mean, ema_var):
+      warmup_norms = jnp.where(warming, warmup_norms.at[
+          jnp.minimum(state.count, warmup_length - 1)].set(n), warmup_norms)
+      warm_mean = jnp.mean(warmup_norms, axis=0)
+      warm_var = jnp.mean(jnp.square(warmup_norms - warm_mean), axis=0)
+      std = jnp.sqrt(ema_var)
+      if mode == "percentile":
+        limit = ema_mean + z_thresh * std
+        spike = n > limit
+      else:
+        z = (n - ema_mean) / (std + eps)
+        spike = z > z_thresh
+        if clip_option == "adaptive_scaling":
+          limit = (ema_mean + z_thresh * std / (z / z_thresh)) * clip_factor
+        else:
+          limit = ema_mean
+      absorbed = jnp.where(spike, limit, n)
+      mean = alpha * ema_mean + (1 - alpha) * absorbed
+      var = alpha * ema_var + (1 - alpha) * jnp.square(absorbed - mean)
+      if skip_update_on_spike:
+        mean, var = jnp.where(spike, ema_mean, mean), jnp.where(spike, ema_var, var)
+      thresholds = jnp.minimum(jnp.where(warming | ~spike, NO_LIMIT, limit), cap)
+      mean = jnp.where(warming, jnp.where(ends_warmup, warm_mean, ema_mean), mean)
+      var = jnp.where(warming, jnp.where(ends_warmup, warm_var, ema_var), var)
+      return thresholds, warmup_norms, mean, var, spike & ~warming
+
+    thresholds, warmup_norms, mean, var, spike = scopes.map_groups(
+        per_array, norms, state.warmup_norms, state.mean, state.var, outputs=5)
+    return thresholds, ZScoreState(warmup_norms=warmup_norms, count=state.count + 1, mean=mean,
+                                   var=var, spike=spike)
 
   return ThresholdPolicy(init, threshold)
 
@@ -328,7 +341,7 @@ class AdaGCState(NamedTuple):
   count: jax.Array
 
   def telemetry(self) -> dict[str, jax.Array]:
-    return {"gamma": jnp.max(self.gamma, initial=0.0), "policy_steps": self.count}
+    return {"gamma": jnp.max(scopes.flat(self.gamma), initial=0.0), "policy_steps": self.count}
 
 
 def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
@@ -367,7 +380,8 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   _validation.check_non_negative("eps", eps)
 
   def init(norms_template):
-    return AdaGCState(gamma=jnp.zeros_like(norms_template), count=jnp.zeros((), jnp.int32))
+    return AdaGCState(gamma=scopes.map_groups(jnp.copy, norms_template),
+                      count=jnp.zeros((), jnp.int32))
 
   def threshold(norms, state, param_norms):
     del param_norms
@@ -375,12 +389,17 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
     warming = (step < warmup_steps) | (step == 1)
     global_norm = scopes.combined_norm(norms) + eps
     warm_factor = jnp.minimum(lambda_abs / global_norm, 1.0)
-    relative = lambda_rel * jnp.maximum(state.gamma, eps)
-    thresholds = jnp.where(warming, norms * warm_factor, relative)
-    clipped = jnp.where(warming, norms * warm_factor,
-                        norms * jnp.minimum(relative / jnp.maximum(norms, eps), 1.0))
-    gamma = jnp.where(warming, jnp.where(step == 1, clipped, jnp.minimum(state.gamma, clipped)),
-                      state.gamma + (1 - beta) * (clipped - state.gamma))
+
+    def per_array(n, gamma):
+      relative = lambda_rel * jnp.maximum(gamma, eps)
+      thresholds = jnp.where(warming, n * warm_factor, relative)
+      clipped = jnp.where(warming, n * warm_factor,
+                          n * jnp.minimum(relative / jnp.maximum(n, eps), 1.0))
+      gamma = jnp.where(warming, jnp.where(step == 1, clipped, jnp.minimum(gamma, clipped)),
+                        gamma + (1 - beta) * (clipped - gamma))
+      return thresholds, gamma
+
+    thresholds, gamma = scopes.map_groups(per_array, norms, state.gamma, outputs=2)
     return thresholds, AdaGCState(gamma=gamma, count=step)
 
   return ThresholdPolicy(init, threshold)

@@ -19,8 +19,10 @@ callables group a scanned model exactly as the same model unrolled. (`"global"` 
 Leaves whose dtype is not floating point (step counters, integer buffers) and leaves matched by
 `exclude` belong to no group: their norms are not measured and they pass through untouched.
 
-All group norms of a tree are laid out in one float32 vector, so a threshold policy sees one
-array whatever the scope. A tree's norms take one read of every leaf, in float32 whatever the
+Group norms come in a *norm container*: one float32 vector with an entry per group for every
+scope but `"unit"`, and for `"unit"` a tuple with one array per leaf (its output units), so
+that per-unit statistics can be sharded like the parameters they describe. Policies treat every
+entry of a container as an independent group and map over its arrays (`map_groups`). A tree's norms take one read of every leaf, in float32 whatever the
 leaf's dtype. A sum of squares that overflows float32 (elements above ~1e19) is recomputed with
 each group rescaled by its largest magnitude, in a `lax.cond` branch that only runs on such a
 step. (XLA's static
@@ -35,6 +37,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_stable import _tree
 from optax_stable import paths
 
 Scope = str | Callable[[str, jax.Array], str]
@@ -43,6 +46,25 @@ Stacked = str | Sequence[str] | Mapping[str, int] | None
 
 
 SCOPES = ("global", "layer", "leaf", "unit")
+
+NormContainer = Any  # one float32 vector, or a tuple of per-leaf arrays (scope "unit")
+
+
+def map_groups(fn: Callable[..., Any], *containers: NormContainer, outputs: int = 1) -> Any:
+  """Applies `fn` to the matching arrays of norm containers; unzips `outputs` results."""
+  result = jax.tree.map(fn, *containers)
+  if outputs == 1:
+    return result
+  return jax.tree.transpose(jax.tree.structure(containers[0]),
+                            jax.tree.structure((0,) * outputs), result)
+
+
+def flat(container: NormContainer) -> jax.Array:
+  """All entries of a norm container as one vector (for scalar summaries)."""
+  pieces = [jnp.ravel(piece) for piece in jax.tree.leaves(container)]
+  if not pieces:
+    return jnp.zeros((0,), jnp.float32)
+  return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +84,10 @@ class Partition:
   """
 
   def __init__(self, treedef: Any, plans: list[_LeafPlan | None], group_sizes: list[int],
-               group_labels: list[str], axis_name: AxisName = None):
+               group_labels: list[str], axis_name: AxisName = None, per_leaf: bool = False):
     self.treedef = treedef
     self.axis_name = axis_name
+    self.per_leaf = per_leaf  # one container array per leaf (its groups), not one vector
     self.plans = plans
     self.group_labels = group_labels
     self.group_sizes = group_sizes
@@ -79,8 +102,10 @@ class Partition:
           f"got {treedef}.")
     return leaves
 
-  def _combine(self, per_leaf: list[jax.Array | None], reduce: Callable) -> jax.Array:
-    """Reduces per-leaf statistics into the flat float32 vector of group statistics."""
+  def _combine(self, per_leaf: list[jax.Array | None], reduce: Callable) -> NormContainer:
+    """Reduces per-leaf statistics into the norm container of group statistics."""
+    if self.per_leaf:  # every leaf is its own group: nothing to combine
+      return tuple(stat for stat in per_leaf if stat is not None)
     members: list[list[jax.Array]] = [[] for _ in self.group_sizes]
     for plan, stat in zip(self.plans, per_leaf):
       if plan is not None:
@@ -99,18 +124,29 @@ class Partition:
         stats.append(stat(leaf, plan))
     return stats
 
-  def _group_values(self, vector: jax.Array, plan: _LeafPlan) -> jax.Array:
-    """The entries of `vector` that belong to `plan`'s leaf, shaped to broadcast against it."""
+  def _group_values(self, container: NormContainer, plan: _LeafPlan) -> jax.Array:
+    """The entries of `container` that belong to `plan`'s leaf, shaped to broadcast against it."""
+    if self.per_leaf:
+      return container[plan.group].reshape(plan.kept_shape)
     start = self.offsets[plan.group]
-    values = vector[start:start + self.group_sizes[plan.group]]
+    values = container[start:start + self.group_sizes[plan.group]]
     return values.reshape(plan.kept_shape)
+
+  def zeros(self, tree: Any) -> NormContainer:
+    """A float32 zeros container for `tree`; per-leaf arrays are derived from their leaves, so
+    under `jit` they are sharded like them (see `optax_stable._tree.zeros_like_param`)."""
+    if not self.per_leaf:
+      return jnp.zeros((self.size,), jnp.float32)
+    leaves = self._leaves(tree, "params")
+    return tuple(jnp.sum(_tree.zeros_like_param(leaf, jnp.float32), axis=plan.reduce_axes)
+                 for plan, leaf in zip(self.plans, leaves) if plan is not None)
 
   def _all_reduce(self, values: jax.Array, reduce: Callable = jax.lax.psum) -> jax.Array:
     # Inside shard_map/pmap every device holds a slice of each leaf: combine the pieces.
     return values if self.axis_name is None else reduce(values, self.axis_name)
 
-  def norms(self, tree: Any, what: str = "updates") -> jax.Array:
-    """Float32 L2 norm of every group of `tree`, as one vector (one read of every leaf)."""
+  def norms(self, tree: Any, what: str = "updates") -> NormContainer:
+    """Float32 L2 norm of every group of `tree`, as a norm container (one read of every leaf)."""
     leaves = self._leaves(tree, what)
 
     def sum_squares(leaf, plan):
@@ -127,7 +163,7 @@ class Partition:
 
       scales = self._all_reduce(self._combine(self._leaf_stats(leaves, max_abs), jnp.max),
                                 jax.lax.pmax)
-      scales = jnp.where(scales > 0, scales, 1.0)
+      scales = map_groups(lambda scale: jnp.where(scale > 0, scale, 1.0), scales)
 
       def scaled_squares(leaf, plan):
         scaled = leaf.astype(_compute_dtype(leaf)) / self._group_values(scales, plan)
@@ -135,12 +171,13 @@ class Partition:
 
       rescaled = self._all_reduce(self._combine(self._leaf_stats(leaves, scaled_squares),
                                                 jnp.sum))
-      return jnp.where(jnp.isinf(squares), scales * jnp.sqrt(rescaled), jnp.sqrt(squares))
+      return map_groups(lambda sq, scale, re: jnp.where(jnp.isinf(sq), scale * jnp.sqrt(re),
+                                                        jnp.sqrt(sq)), squares, scales, rescaled)
 
-    return jax.lax.cond(jnp.all(jnp.isfinite(squares)), lambda: jnp.sqrt(squares),
-                        overflow_safe_norms)
+    return jax.lax.cond(jnp.all(jnp.isfinite(flat(squares))),
+                        lambda: map_groups(jnp.sqrt, squares), overflow_safe_norms)
 
-  def scale(self, tree: Any, factors: jax.Array) -> Any:
+  def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
 
     The product is taken in (at least) float32 and cast back to the leaf's dtype, so a factor
@@ -157,8 +194,9 @@ class Partition:
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
 
 
-def combined_norm(norms: jax.Array) -> jax.Array:
+def combined_norm(norms: NormContainer) -> jax.Array:
   """The L2 norm of the union of groups, from their norms, without overflowing float32."""
+  norms = flat(norms)
   largest = jnp.max(norms, initial=0.0)
   safe = jnp.where(largest > 0, largest, 1.0)
   return largest * jnp.sqrt(jnp.sum(jnp.square(norms / safe)))
@@ -265,4 +303,4 @@ class Grouping:
           reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
           kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
     return Partition(treedef, plans, [math.prod(shape) for shape in group_shapes], list(labels),
-                     self.axis_name)
+                     self.axis_name, per_leaf=self.scope == "unit")

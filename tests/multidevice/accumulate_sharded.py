@@ -1,7 +1,9 @@
-"""Run under 8 simulated CPU devices (set by the caller): accumulate with FSDP-sharded params.
+"""Run under 8 simulated CPU devices (set by the caller): per-parameter state under FSDP.
 
-Checks that the accumulator is sharded like its parameter and that 8 micro-steps give the same
-parameters as the single-device run. Exits non-zero on failure.
+Checks that per-parameter buffers (accumulator, spike-clip and SPAM moments, per-unit policy
+statistics) are sharded like their parameters, eagerly and under `jax.jit(tx.init)`, that
+scalars are replicated, and that 8 accumulate micro-steps give the single-device parameters.
+Exits non-zero on failure.
 """
 
 import jax
@@ -61,6 +63,26 @@ for name, other in {"accumulate": ostab.accumulate(optax.sgd(0.1), 4),
   buffers = [leaf for leaf in leaves if leaf.shape == (16, 8)]
   assert buffers and all(map(is_sharded_like_kernel, buffers)), name
   assert all(leaf.sharding.is_fully_replicated for leaf in leaves if leaf.ndim == 0), name
+# Per-unit statistics of adaptive policies at scope "unit" follow the output axis of their
+# parameter: a kernel split over its output units gets statistics split the same way.
+unit_sharding = NamedSharding(mesh, P(None, "fsdp"))
+unit_params = jax.device_put({"kernel": jnp.ones((16, 8))}, {"kernel": unit_sharding})
+for name, other in {"zclip": ostab.zclip(scope="unit"),
+                    "autoclip": ostab.autoclip(history_length=5, scope="unit"),
+                    "adagc": ostab.adagc(scope="unit")}.items():
+  for init in (other.init, jax.jit(other.init)):
+    policy_state = init(unit_params).policy_state
+    per_unit = [leaf for leaf in jax.tree.leaves(policy_state) if leaf.shape[-1:] == (8,)]
+    assert per_unit, name
+    for leaf in per_unit:
+      expected = NamedSharding(mesh, P(*([None] * (leaf.ndim - 1)), "fsdp"))
+      assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (name, leaf.sharding)
+  unit_step = jax.jit(other.update)
+  grads = jax.device_put({"kernel": jnp.full((16, 8), 3.0)}, {"kernel": unit_sharding})
+  _, after = unit_step(grads, other.init(unit_params), unit_params)
+  for leaf in jax.tree.leaves(after.policy_state):
+    if leaf.shape[-1:] == (8,):
+      assert not leaf.sharding.is_fully_replicated, (name, "after a step", leaf.sharding)
 state = eager_state
 batch_sharding = NamedSharding(mesh, P("data", None))
 sharded = run(sharded_params, state, jax.jit(step), lambda x: jax.device_put(x, batch_sharding))
