@@ -55,6 +55,8 @@ def map_groups(fn: Callable[..., Any], *containers: NormContainer, outputs: int 
   result = jax.tree.map(fn, *containers)
   if outputs == 1:
     return result
+  if not jax.tree.leaves(containers[0]):  # no groups (an empty tree at scope "unit")
+    return tuple(result for _ in range(outputs))
   return jax.tree.transpose(jax.tree.structure(containers[0]),
                             jax.tree.structure((0,) * outputs), result)
 

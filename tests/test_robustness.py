@@ -46,3 +46,10 @@ def test_donated_train_step_reuses_every_buffer(name):
     for _ in range(3):
       params, state = step(params, state, grads)
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(params))
+
+
+@pytest.mark.parametrize("factory", [ostab.zclip, ostab.autoclip, ostab.adagc])
+def test_empty_tree_at_unit_scope(factory):
+  tx = factory(scope="unit")
+  updates, state = jax.jit(tx.update)({}, tx.init({}))
+  assert updates == {} and float(state.scale) == 1.0
