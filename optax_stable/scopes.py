@@ -31,6 +31,7 @@ step. (XLA's static
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import itertools
 import math
 from typing import Any
 
@@ -93,7 +94,7 @@ class Partition:
     self.plans = plans
     self.group_labels = group_labels
     self.group_sizes = group_sizes
-    self.offsets = [sum(group_sizes[:i]) for i in range(len(group_sizes))]
+    self.offsets = [0, *itertools.accumulate(group_sizes)][:-1]  # linear in the group count
     self.size = sum(group_sizes)
 
   def _leaves(self, tree: Any, what: str) -> list[Any]:
