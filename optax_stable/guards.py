@@ -11,6 +11,18 @@ from optax_stable import _validation
 from optax_stable import scopes
 
 
+def _update_unless(skip: jax.Array, inner: optax.GradientTransformationExtraArgs, updates: Any,
+                   inner_state: Any, params: Any, extra_args: dict[str, Any]) -> tuple[Any, Any]:
+  """`inner.update`, or zeros and the untouched state when `skip`: the guards' shared step.
+
+  `inner` always runs and `where` selects, so a non-finite inner update never reaches the
+  result; a `lax.cond` would save the work but this is not the hot path.
+  """
+  new_updates, new_inner_state = inner.update(updates, inner_state, params, **extra_args)
+  new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+  return new_updates, _tree.select(skip, inner_state, new_inner_state)
+
+
 class SkipNonfiniteState(NamedTuple):
   """State of `skip_nonfinite`: the inner state and what the guard did.
 
@@ -81,11 +93,11 @@ def skip_nonfinite(
     skip = nonfinite
     if max_consecutive is not None:
       skip = skip & (state.consecutive_skips < max_consecutive)
-    new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    new_updates, inner_state = _update_unless(skip, inner, updates, state.inner_state, params,
+                                              extra_args)
     skipped = skip.astype(jnp.int32)
     return new_updates, SkipNonfiniteState(
-        inner_state=_tree.select(skip, state.inner_state, new_inner_state),
+        inner_state=inner_state,
         nonfinite=nonfinite, skipped=skip, total_skips=state.total_skips + skipped,
         consecutive_skips=jnp.where(nonfinite, state.consecutive_skips + skipped, 0))
 
@@ -234,11 +246,11 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
                         state.var)
     var_weight = jnp.where(grows_var, alpha * state.var_weight + (1 - alpha), state.var_weight)
 
-    new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra_args)
-    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
+    new_updates, inner_state = _update_unless(skip, inner, updates, state.inner_state, params,
+                                              extra_args)
     spike_skip = (skip & spike).astype(jnp.int32)
     return new_updates, SkipSpikesState(
-        inner_state=_tree.select(skip, state.inner_state, new_inner_state),
+        inner_state=inner_state,
         count=state.count + absorb.astype(jnp.int32),
         mean=jnp.where(absorb, new_mean, state.mean),
         mean_weight=jnp.where(absorb, mean_weight, state.mean_weight),
