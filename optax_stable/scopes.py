@@ -23,9 +23,8 @@ Group norms come in a *norm container*: one float32 vector with an entry per gro
 scope but `"unit"`, and for `"unit"` a tuple with one array per leaf (its output units), so
 that per-unit statistics can be sharded like the parameters they describe. Policies treat every
 entry of a container as an independent group and map over its arrays (`map_groups`). A tree's norms take one read of every leaf, in float32 whatever the
-leaf's dtype. A sum of squares that overflows float32 (elements above ~1e19) is recomputed with
-each group rescaled by its largest magnitude, in a `lax.cond` branch that only runs on such a
-step. (XLA's static
+leaf's dtype. A group whose sum of squares overflows float32 (elements above ~1e19) is summed
+again downscaled, in a `lax.cond` branch that only runs on such a step. (XLA's static
 `cost_analysis()` counts that branch's read too; at run time a normal step reads each leaf once.)
 """
 
@@ -158,24 +157,21 @@ class Partition:
     squares = self._all_reduce(self._combine(self._leaf_stats(leaves, sum_squares), jnp.sum))
 
     def overflow_safe_norms():
-      # Only runs on a step where a sum of squares overflowed (or the tree holds NaN/Inf):
-      # rescale each group by its largest magnitude. (A constant downscale does not work: XLA
-      # reassociates (x * c)**2 into x**2 * c**2, which overflows again.)
-      def max_abs(leaf, plan):
-        return jnp.max(jnp.abs(leaf).astype(jnp.float32), axis=plan.reduce_axes)
-
-      scales = self._all_reduce(self._combine(self._leaf_stats(leaves, max_abs), jnp.max),
-                                jax.lax.pmax)
-      scales = map_groups(lambda scale: jnp.where(scale > 0, scale, 1.0), scales)
+      # Only runs on a step where a sum of squares overflowed (or the tree holds NaN/Inf): each
+      # overflowed group is summed again scaled by 2**-80, one more read. That is exact to
+      # float32 rounding: such a group's squared norm exceeds 3.4e38, the elements whose scaled
+      # squares underflow (below ~1e5) add less than 1e-19 of it, and the scaled squares of
+      # up to 4e9 float32 elements cannot overflow. The scale is a runtime value on purpose:
+      # XLA rewrites (x * c)**2 with a constant c into x**2 * c**2, which overflows again.
+      scales = map_groups(lambda sq: jnp.where(jnp.isinf(sq), _OVERFLOW_SCALE, 1.0), squares)
 
       def scaled_squares(leaf, plan):
-        scaled = leaf.astype(_compute_dtype(leaf)) / self._group_values(scales, plan)
+        scaled = leaf.astype(_compute_dtype(leaf)) * self._group_values(scales, plan)
         return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
 
       rescaled = self._all_reduce(self._combine(self._leaf_stats(leaves, scaled_squares),
                                                 jnp.sum))
-      return map_groups(lambda sq, scale, re: jnp.where(jnp.isinf(sq), scale * jnp.sqrt(re),
-                                                        jnp.sqrt(sq)), squares, scales, rescaled)
+      return map_groups(lambda re, scale: jnp.sqrt(re) / scale, rescaled, scales)
 
     return jax.lax.cond(jnp.all(jnp.isfinite(flat(squares))),
                         lambda: map_groups(jnp.sqrt, squares), overflow_safe_norms)
@@ -203,6 +199,9 @@ def combined_norm(norms: NormContainer) -> jax.Array:
   largest = jnp.max(norms, initial=0.0)
   safe = jnp.where(largest > 0, largest, 1.0)
   return largest * jnp.sqrt(jnp.sum(jnp.square(norms / safe)))
+
+
+_OVERFLOW_SCALE = 2.0 ** -80
 
 
 def _compute_dtype(leaf: jax.Array) -> Any:

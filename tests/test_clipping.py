@@ -111,6 +111,17 @@ def test_norm_survives_float32_overflow_of_the_sum_of_squares():
   np.testing.assert_allclose(reference_group_norms(clipped, "global"), 1.0, rtol=1e-6)
 
 
+def test_overflowed_group_is_rescaled_alone_and_exactly():
+  # One group near float32's largest value, one ordinary group beside it.
+  grads = {"a": {"w": jnp.array([3e38, -1e5, 2.0], jnp.float32)},
+           "b": {"w": jnp.array([3.0, 4.0], jnp.float32)}}
+  clipped, state = _clip(grads, "layer", max_norm=10.0)
+  np.testing.assert_allclose(float(state.max_group_norm), 3e38, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(clipped["a"]["w"]), [10.0, -1e5 * 10.0 / 3e38, 2.0 * 10.0 / 3e38],
+                             rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(clipped["b"]["w"]), [3.0, 4.0])  # norm 5: untouched
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_global_clip_matches_torch_and_optax(seed, tree_factory):
   torch = pytest.importorskip("torch")
