@@ -81,9 +81,15 @@ class AdaptiveGradClipState(ClipState):
 def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
           state_type: type[ClipState]) -> optax.GradientTransformation:
   """Builds the clipping transform shared by `clip` and every preset."""
+  # A policy that keeps per-group state gets norms as one vector, so its state's structure
+  # does not depend on the number of groups (`optax.tree_map_params` initialises the state
+  # from an empty tree); stateless policies get per-group arrays, which compile fastest.
+  keeps_group_state = bool(jax.tree.leaves(
+      jax.eval_shape(policy.init, jax.ShapeDtypeStruct((1,), jnp.float32))))
+  partition_of = lambda tree: grouping.partition(tree, group_arrays=not keeps_group_state)
 
   def init_fn(params):
-    partition = grouping.partition(params)
+    partition = partition_of(params)
     zero = lambda: jnp.zeros((), jnp.float32)  # a buffer per field, so the state can be donated
     return state_type(
         grad_norm=zero(), clipped_norm=zero(), max_group_norm=zero(), threshold=zero(),
@@ -92,7 +98,7 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
         policy_state=policy.init(partition.zeros(params)))
 
   def update_fn(updates, state, params=None):
-    partition = grouping.partition(updates)
+    partition = partition_of(updates)
     expected = jax.eval_shape(lambda: policy.init(partition.zeros(updates)))
     if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.policy_state):
       # Per-group statistics are the only structure a clipping state records.
