@@ -1,0 +1,127 @@
+"""Shared pieces of the benchmarks: parameter trees, compilation with XLA's cost and memory
+analyses, the memory-traffic floor, and interleaved timing."""
+
+import dataclasses
+import os
+import platform
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def gpt2_tree(d_model: int = 768, n_layer: int = 12, vocab: int = 50257,
+              n_ctx: int = 1024, seed: int = 0) -> dict[str, Any]:
+  """Float32 params shaped like GPT-2 small (124M params, 148 leaves at the defaults)."""
+  shapes = {"wte": {"embedding": (vocab, d_model)}, "wpe": {"embedding": (n_ctx, d_model)},
+            "ln_f": {"scale": (d_model,), "bias": (d_model,)}}
+  for i in range(n_layer):
+    shapes[f"h_{i:02d}"] = {
+        "ln_1": {"scale": (d_model,), "bias": (d_model,)},
+        "attn": {"c_attn": {"kernel": (d_model, 3 * d_model), "bias": (3 * d_model,)},
+                 "c_proj": {"kernel": (d_model, d_model), "bias": (d_model,)}},
+        "ln_2": {"scale": (d_model,), "bias": (d_model,)},
+        "mlp": {"c_fc": {"kernel": (d_model, 4 * d_model), "bias": (4 * d_model,)},
+                "c_proj": {"kernel": (4 * d_model, d_model), "bias": (d_model,)}},
+    }
+  return _random_tree(shapes, seed)
+
+
+def deep_tree(n_leaves: int, width: int = 32, seed: int = 0) -> dict[str, Any]:
+  """A very deep MLP: `n_leaves` small float32 leaves (kernel and bias per layer)."""
+  shapes = {}
+  for i in range(n_leaves // 2):
+    shapes[f"layer_{i:04d}"] = {"kernel": (width, width), "bias": (width,)}
+  if n_leaves % 2:
+    shapes["head"] = {"kernel": (width, 1)}
+  return _random_tree(shapes, seed)
+
+
+def _random_tree(shapes: dict[str, Any], seed: int) -> dict[str, Any]:
+  is_shape = lambda x: isinstance(x, tuple)
+  leaves, treedef = jax.tree.flatten(shapes, is_leaf=is_shape)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(treedef, [0.02 * jax.random.normal(k, s, jnp.float32)
+                                      for k, s in zip(keys, leaves)])
+
+
+def tree_bytes(tree: Any) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "size"))
+
+
+def machine() -> str:
+  device = jax.devices()[0]
+  return (f"{device.platform} ({device.device_kind}), {os.cpu_count()} host CPUs, "
+          f"{platform.machine()}; jax {jax.__version__}, optax {optax.__version__}")
+
+
+def _cost(compiled: Any) -> dict[str, float]:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, list) else cost
+
+
+def _needs_params(tx: Any, grads: Any, state: Any) -> bool:
+  try:
+    jax.eval_shape(lambda g, s: tx.update(g, s, None), grads, state)
+  except Exception:  # each library says "params required" in its own way
+    return True
+  return False
+
+
+@dataclasses.dataclass
+class Compiled:
+  """`jit(tx.update)` compiled for one tree, with XLA's static analyses of it."""
+  tx: Any
+  run: Callable[..., Any]
+  state: Any
+  trace_s: float
+  compile_s: float
+  bytes_accessed: float
+  floor_bytes: int
+  temp_bytes: int
+  argument_bytes: int
+  state_bytes: int
+
+  @classmethod
+  def build(cls, tx: Any, params: Any, grads: Any) -> "Compiled":
+    state = tx.init(params)
+    start = time.perf_counter()
+    lowered = jax.jit(tx.update).lower(grads, state, params)
+    traced = time.perf_counter()
+    compiled = lowered.compile()
+    done = time.perf_counter()
+    memory = compiled.memory_analysis()
+    state_bytes = tree_bytes(state)
+    # Every input read once and every output written once: grads, state in and out, the
+    # updates, and the params when the transform uses them.
+    floor = 2 * tree_bytes(grads) + 2 * state_bytes
+    if _needs_params(tx, grads, state):
+      floor += tree_bytes(params)
+    return cls(tx=tx, run=compiled, state=state, trace_s=traced - start,
+               compile_s=done - traced, bytes_accessed=_cost(compiled)["bytes accessed"],
+               floor_bytes=floor, temp_bytes=int(memory.temp_size_in_bytes),
+               argument_bytes=int(memory.argument_size_in_bytes), state_bytes=state_bytes)
+
+
+def interleaved_times(steps: dict[str, Callable[[int], None]], repeats: int,
+                        warmup: int = 3) -> dict[str, list[float]]:
+  """Runs each `steps[name](i)` in turn, `warmup + repeats` rounds; returns the times.
+
+  Interleaving makes the noise of a shared machine hit every contender alike. Each callable
+  must block until its work is done.
+  """
+  times = {name: [] for name in steps}
+  for i in range(warmup + repeats):
+    for name, step in steps.items():
+      start = time.perf_counter()
+      step(i)
+      if i >= warmup:
+        times[name].append(time.perf_counter() - start)
+  return times
+
+
+def median_ms(times: list[float]) -> float:
+  return 1e3 * float(np.median(times))

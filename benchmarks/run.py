@@ -1,0 +1,376 @@
+"""Every optax_stable transform and recipe against its nearest Optax equivalent.
+
+Run by hand (never part of the test suite):
+    python benchmarks/run.py                # ~25 min on 2 CPU cores, ~7 GB of memory
+    python benchmarks/run.py --quick        # a smaller "wide" tree and fewer steps, ~4 min
+Prints the tables and writes benchmarks/results.json.
+
+Sections:
+  1. transforms: for each pair (ours, Optax's), on the "wide" tree (GPT-2-small-shaped, 124M
+     float32 params in 148 leaves) and the "deep" tree (1,000 small leaves), both compiled as
+     `jit(tx.update)` and timed interleaved in the same process (median of `--repeats` steps
+     after warm-up; the state is not threaded, so an accumulator always times a micro-step):
+     step time and its ratio to Optax's; XLA `cost_analysis()` bytes accessed per param byte
+     and per floor byte (floor: every input read once, every output written once); temp and
+     argument bytes from `memory_analysis()`; state bytes per param; trace and compile time.
+     Pairs a target of the benchmark issue applies to are checked (`ok` / `MISS`).
+  2. accumulation: a realistic train step (updates applied to the params, with and without
+     buffer donation) of `accumulate(adam, 4)` and `optax.MultiSteps(adam, 4)` on the wide tree:
+     median micro-step and k-th step times, state bytes.
+  3. compile time: lowering and XLA compile time at 100, 1,000 and 3,000 leaves.
+  4. microbatch: peak temporary memory of a gradient step through `microbatch` vs one batch.
+Ratios are the meaningful numbers: absolute times on a shared machine drift between runs.
+"""
+
+import argparse
+import json
+import pathlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import _harness as harness
+import optax_stable as ostab
+
+LR = 1e-3
+WD = 1e-4
+K = 4
+
+
+class Pair(NamedTuple):
+  """Our transform, the Optax one it is measured against, and the issue's targets for it."""
+  name: str
+  make: Callable[[], Any]
+  baseline: str
+  make_baseline: Callable[[], Any]
+  targets: dict[str, float] = {}
+
+
+def _adam():
+  return optax.adam(LR)
+
+
+def _with_adam(tx):
+  return lambda: optax.chain(tx(), _adam())
+
+
+def pairs() -> list[Pair]:
+  """Pairs grouped by baseline, so each baseline is compiled once per tree."""
+  optax_clip = lambda: optax.clip_by_global_norm(1.0)
+  optax_agc = lambda: optax.adaptive_grad_clip(0.01)
+  clip_adam = "chain(optax.clip_by_global_norm, adam)"
+  agc_adam = "chain(optax.adaptive_grad_clip, adam)"
+  # (ours, name, baseline targets alone, targets with Adam)
+  global_clips = [
+      ("clip_by_global_norm", lambda: ostab.clip_by_global_norm(1.0),
+       {"bytes_x": 10.0, "time_ratio": 0.85}),
+      ("zclip", ostab.zclip, {"bytes_x": 10.5}),
+      ("autoclip[global]", ostab.autoclip, {"bytes_x": 10.5}),
+      ("adagc[global]", lambda: ostab.adagc(scope="global"), {"bytes_x": 10.5}),
+      ("autoclip[leaf, H=1000]", lambda: ostab.autoclip(scope="leaf", history_length=1000),
+       {"time_ratio": 1.15}),
+      ("adagc[leaf]", ostab.adagc, {}),
+      ("spike_clip", ostab.spike_clip, {}),
+  ]
+  per_group_clips = [
+      ("adaptive_grad_clip", lambda: ostab.adaptive_grad_clip(0.01),
+       {"bytes_x": 11.0, "time_ratio": 1.0}),
+      ("clip_by_norm[layer]", lambda: ostab.clip_by_norm(1.0, scope="layer"),
+       {"bytes_x": 11.0, "time_ratio": 1.0}),
+      ("clip_by_norm[leaf]", lambda: ostab.clip_by_norm(1.0, scope="leaf"),
+       {"bytes_x": 11.0, "time_ratio": 1.0}),
+      ("clip_by_norm[unit]", lambda: ostab.clip_by_norm(1.0, scope="unit"),
+       {"bytes_x": 11.0, "time_ratio": 1.0}),
+  ]
+  result = []
+  for clips, baseline_name, baseline in ((global_clips, "clip_by_global_norm", optax_clip),
+                                         (per_group_clips, "adaptive_grad_clip", optax_agc)):
+    result += [Pair(f"ostab.{name}", make, f"optax.{baseline_name}", baseline)
+               for name, make, _ in clips]
+    result += [Pair(f"chain(ostab.{name}, adam)", _with_adam(make),
+                    f"chain(optax.{baseline_name}, adam)", _with_adam(baseline), targets)
+               for name, make, targets in clips]
+  result += [
+      Pair("skip_spikes(adam, grad_norm)",
+           lambda: ostab.skip_spikes(_adam(), metric="grad_norm"), clip_adam,
+           _with_adam(optax_clip), {"bytes_x": 10.5}),
+      Pair("ostab.recipes.adagc", lambda: ostab.recipes.adagc(LR, weight_decay=WD),
+           "chain(optax.clip_by_global_norm, adamw)",
+           lambda: optax.chain(optax_clip(), optax.adamw(LR, weight_decay=WD))),
+      Pair("ostab.recipes.spam", lambda: ostab.recipes.spam(LR, weight_decay=WD),
+           "chain(optax.clip_by_global_norm, adamw)",
+           lambda: optax.chain(optax_clip(), optax.adamw(LR, weight_decay=WD))),
+      Pair("ostab.skip_nonfinite(adam)", lambda: ostab.skip_nonfinite(_adam()),
+           "optax.apply_if_finite(adam)", lambda: optax.apply_if_finite(_adam(), 10)),
+      Pair("ostab.skip_nonfinite(chain(ostab.clip, adam))",
+           lambda: ostab.skip_nonfinite(_with_adam(lambda: ostab.clip_by_global_norm(1.0))()),
+           "apply_if_finite(chain(optax.clip, adam))",
+           lambda: optax.apply_if_finite(_with_adam(optax_clip)(), 10), {"bytes_x": 10.5}),
+      Pair("ostab.skip_nonfinite(chain(ostab.clip, adam))",
+           lambda: ostab.skip_nonfinite(_with_adam(lambda: ostab.clip_by_global_norm(1.0))()),
+           "optax.adam", _adam, {"time_ratio": 1.15}),
+      Pair("ostab.periodic_reset(adam, 500)", lambda: ostab.periodic_reset(_adam(), 500),
+           "optax.adam", _adam),
+      Pair("ostab.scale_by_adam_moments", ostab.scale_by_adam_moments, "optax.scale_by_adam",
+           optax.scale_by_adam),
+      Pair("ostab.accumulate(adam, 4) [micro-step]", lambda: ostab.accumulate(_adam(), K),
+           "optax.MultiSteps(adam, 4)",
+           lambda: optax.MultiSteps(_adam(), K).gradient_transformation(),
+           {"state_vs_baseline": 1.0}),
+      Pair("ostab.decoupled_weight_decay", lambda: ostab.decoupled_weight_decay(WD),
+           "optax.add_decayed_weights", lambda: optax.add_decayed_weights(WD)),
+      Pair("ostab.add_l2_penalty", lambda: ostab.add_l2_penalty(WD),
+           "optax.add_decayed_weights", lambda: optax.add_decayed_weights(WD)),
+      Pair("ostab.add_l1_penalty", lambda: ostab.add_l1_penalty(WD),
+           "optax.add_decayed_weights", lambda: optax.add_decayed_weights(WD)),
+      Pair("chain(adam, lr, ostab.decoupled_weight_decay)",
+           lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(LR),
+                               ostab.decoupled_weight_decay(WD, LR)),
+           "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
+      Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
+           "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
+  ]
+  return result
+
+
+def _check(targets: dict[str, float], row: dict[str, Any]) -> str:
+  misses = [f"{key}>{limit:g}" for key, limit in targets.items() if row[key] > limit + 5e-3]
+  return "MISS " + ",".join(misses) if misses else ("ok" if targets else "")
+
+
+def transforms_table(tree: Any, tree_name: str, repeats: int,
+                     targets: Callable[[Pair], dict[str, float]]) -> list[dict[str, Any]]:
+  params = tree
+  grads = jax.tree.map(lambda p: 0.05 * p + 1e-3, params)
+  param_bytes = harness.tree_bytes(params)
+  rows, cached = [], (None, None)
+  for pair in pairs():
+    if cached[0] != pair.baseline:
+      cached = (None, None)  # frees the previous baseline's state before building the next
+      cached = (pair.baseline, harness.Compiled.build(pair.make_baseline(), params, grads))
+    base = cached[1]
+    ours = harness.Compiled.build(pair.make(), params, grads)
+    runs = {"ours": ours, "base": base}
+    times = harness.interleaved_times(
+        {key: (lambda _, c=c: jax.block_until_ready(c.run(grads, c.state, params)))
+         for key, c in runs.items()}, repeats)
+    ms = {key: harness.median_ms(t) for key, t in times.items()}
+    row = {"tree": tree_name, "transform": pair.name.strip(), "baseline": pair.baseline,
+           "step_ms": ms["ours"], "baseline_ms": ms["base"],
+           "time_ratio": ms["ours"] / ms["base"],
+           "bytes_x": ours.bytes_accessed / param_bytes,
+           "baseline_bytes_x": base.bytes_accessed / param_bytes,
+           "floor_x": ours.bytes_accessed / ours.floor_bytes,
+           "baseline_floor_x": base.bytes_accessed / base.floor_bytes,
+           "temp_bytes": ours.temp_bytes, "baseline_temp_bytes": base.temp_bytes,
+           "argument_bytes": ours.argument_bytes,
+           "baseline_argument_bytes": base.argument_bytes,
+           "state_bytes_per_param": ours.state_bytes / (param_bytes / 4),
+           "baseline_state_bytes_per_param": base.state_bytes / (param_bytes / 4),
+           "state_vs_baseline": ours.state_bytes / max(base.state_bytes, 1),
+           "trace_s": ours.trace_s, "compile_s": ours.compile_s,
+           "baseline_trace_s": base.trace_s, "baseline_compile_s": base.compile_s}
+    row["compile_ratio"] = ((row["trace_s"] + row["compile_s"])
+                            / (row["baseline_trace_s"] + row["baseline_compile_s"]))
+    row["check"] = _check(targets(pair), row)
+    print(f"  {tree_name:4s} {row['transform']:52s} {row['time_ratio']:5.2f}x "
+          f"{row['bytes_x']:5.1f}x {row['check']}", flush=True)
+    rows.append(row)
+    del ours, runs
+  return rows
+
+
+def _train_step(tx, donate):
+  def step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def accumulation_table(params: Any, cycles: int) -> list[dict[str, Any]]:
+  grads = jax.tree.map(lambda p: 0.05 * p + 1e-3, params)
+  param_bytes = harness.tree_bytes(params)
+  contests = [
+      ("ostab.accumulate(adam, 4)", lambda: ostab.accumulate(_adam(), K),
+       "optax.MultiSteps(adam, 4, skip_not_finite)",
+       lambda: optax.MultiSteps(_adam(), K, should_skip_update_fn=optax.skip_not_finite)),
+      ("ostab.accumulate(adam, 4, skip_nonfinite=False)",
+       lambda: ostab.accumulate(_adam(), K, skip_nonfinite=False),
+       "optax.MultiSteps(adam, 4)", lambda: optax.MultiSteps(_adam(), K)),
+  ]
+  rows = []
+  for ours_name, ours, base_name, base in contests:
+    for donate in (False, True):
+      runs = {}
+      for key, make in (("ours", ours), ("base", base)):
+        tx = make()
+        # A buffer per field: MultiSteps' init shares one scalar between fields, which
+        # donation rejects.
+        state = jax.tree.map(jnp.copy, tx.init(params))
+        step = _train_step(tx, donate)
+        cost = harness._cost(step.lower(params, state, grads).compile())
+        runs[key] = {"step": step, "params": jax.tree.map(jnp.copy, params), "state": state,
+                     "state_bytes": harness.tree_bytes(state),
+                     "static_bytes": cost["bytes accessed"]}
+
+      def one_step(_, run):
+        run["params"], run["state"] = run["step"](run["params"], run["state"], grads)
+        jax.block_until_ready(run["params"])
+
+      # Each callable is one micro-step; K consecutive rounds make a cycle, so round i is a
+      # k-th step when i % K == K - 1 (warm-up is a whole cycle).
+      times = harness.interleaved_times(
+          {key: (lambda i, run=run: one_step(i, run)) for key, run in runs.items()},
+          repeats=K * cycles, warmup=K)
+      row = {"transform": ours_name, "baseline": base_name, "donate": donate}
+      for key, run in runs.items():
+        prefix = "" if key == "ours" else "baseline_"
+        micro = [t for i, t in enumerate(times[key]) if i % K != K - 1]
+        final = [t for i, t in enumerate(times[key]) if i % K == K - 1]
+        row[prefix + "micro_ms"] = harness.median_ms(micro)
+        row[prefix + "final_ms"] = harness.median_ms(final)
+        row[prefix + "state_bytes_per_param_byte"] = run["state_bytes"] / param_bytes
+        row[prefix + "static_bytes_x"] = run["static_bytes"] / param_bytes
+      row["micro_ratio"] = row["micro_ms"] / row["baseline_micro_ms"]
+      row["final_ratio"] = row["final_ms"] / row["baseline_final_ms"]
+      print(f"  {ours_name:48s} donate={donate!s:5s} micro {row['micro_ratio']:.2f}x "
+            f"k-th {row['final_ratio']:.2f}x", flush=True)
+      rows.append(row)
+      del runs
+  return rows
+
+
+def compile_table(leaf_counts: list[int]) -> list[dict[str, Any]]:
+  wanted = (
+      "chain(ostab.clip_by_global_norm, adam)", "chain(ostab.clip_by_norm[layer], adam)",
+      "chain(ostab.autoclip[leaf, H=1000], adam)",
+      "ostab.skip_nonfinite(chain(ostab.clip, adam))", "ostab.accumulate(adam, 4) [micro-step]")
+  contests = list({p.name: p for p in reversed(pairs()) if p.name in wanted}.values())[::-1]
+  rows = []
+  for n in leaf_counts:
+    params = harness.deep_tree(n)
+    grads = jax.tree.map(lambda p: 0.05 * p, params)
+    for pair in contests:
+      ours = harness.Compiled.build(pair.make(), params, grads)
+      base = harness.Compiled.build(pair.make_baseline(), params, grads)
+      row = {"leaves": n, "transform": pair.name, "baseline": pair.baseline,
+             "trace_s": ours.trace_s, "compile_s": ours.compile_s,
+             "baseline_trace_s": base.trace_s, "baseline_compile_s": base.compile_s}
+      row["total_ratio"] = ((ours.trace_s + ours.compile_s)
+                            / (base.trace_s + base.compile_s))
+      print(f"  {n:5d} leaves {pair.name:48s} {ours.trace_s + ours.compile_s:6.2f} s "
+            f"{row['total_ratio']:.2f}x", flush=True)
+      rows.append(row)
+  return rows
+
+
+def microbatch_table(batch: int, hidden: int) -> list[dict[str, Any]]:
+  def loss_fn(params, x):
+    h = x
+    for w in params:
+      h = jnp.tanh(h @ w)
+    return jnp.mean(h ** 2)
+
+  keys = jax.random.split(jax.random.key(1), 5)
+  params = [jax.random.normal(k, (hidden, hidden)) / hidden ** 0.5 for k in keys[:4]]
+  x = jax.random.normal(keys[4], (batch, hidden))
+  variants = {"plain jax.grad": jax.grad(loss_fn)}
+  for k in (1, 4, 16):
+    variants[f"microbatch k={k}"] = ostab.microbatch(jax.grad(loss_fn), k)
+  rows = []
+  for name, fn in variants.items():
+    memory = jax.jit(fn).lower(params, x).compile().memory_analysis()
+    rows.append({"variant": name, "temp_bytes": int(memory.temp_size_in_bytes)})
+  for row in rows:
+    row["vs_plain"] = row["temp_bytes"] / rows[0]["temp_bytes"]
+  return rows
+
+
+def _print_tables(results: dict[str, Any]) -> None:
+  print(f"\n{results['machine']}")
+  print(f"wide: {results['trees']['wide']}; deep: {results['trees']['deep']}\n")
+  header = (f"{'tree':4s} {'transform':48s} {'vs optax':40s} {'ms':>8s} {'ratio':>6s} "
+            f"{'B/param B':>9s} {'optax':>6s} {'/floor':>6s} {'temp MB':>8s} {'arg MB':>7s} "
+            f"{'state B/p':>9s} {'compile s':>9s} {'ratio':>6s}  target")
+  print(header)
+  for row in results["transforms"]:
+    print(f"{row['tree']:4s} {row['transform'][:48]:48s} {row['baseline'][:40]:40s} "
+          f"{row['step_ms']:8.2f} {row['time_ratio']:5.2f}x {row['bytes_x']:8.2f}x "
+          f"{row['baseline_bytes_x']:5.2f}x {row['floor_x']:5.2f}x "
+          f"{row['temp_bytes'] / 1e6:8.2f} {row['argument_bytes'] / 1e6:7.0f} "
+          f"{row['state_bytes_per_param']:9.2f} {row['trace_s'] + row['compile_s']:9.2f} "
+          f"{row['compile_ratio']:5.2f}x  {row['check']}")
+  print(f"\naccumulation, train step on the wide tree, k={K}")
+  print(f"{'transform':48s} {'vs':44s} {'donate':6s} {'micro ms':>8s} {'ratio':>6s} "
+        f"{'k-th ms':>8s} {'ratio':>6s} {'state/param B':>13s} {'optax':>6s}")
+  for row in results["accumulation"]:
+    print(f"{row['transform']:48s} {row['baseline']:44s} {row['donate']!s:6s} "
+          f"{row['micro_ms']:8.2f} {row['micro_ratio']:5.2f}x {row['final_ms']:8.2f} "
+          f"{row['final_ratio']:5.2f}x {row['state_bytes_per_param_byte']:12.2f}x "
+          f"{row['baseline_state_bytes_per_param_byte']:5.2f}x")
+  print("\ncompile time (trace + XLA compile) on deep trees")
+  print(f"{'leaves':>6s} {'transform':48s} {'ours s':>7s} {'optax s':>7s} {'ratio':>6s}")
+  for row in results["compile"]:
+    print(f"{row['leaves']:6d} {row['transform']:48s} "
+          f"{row['trace_s'] + row['compile_s']:7.2f} "
+          f"{row['baseline_trace_s'] + row['baseline_compile_s']:7.2f} "
+          f"{row['total_ratio']:5.2f}x")
+  print("\nmicrobatch: peak temporary memory of a gradient step")
+  for row in results["microbatch"]:
+    print(f"{row['variant']:20s} {row['temp_bytes'] / 1e6:8.1f} MB {row['vs_plain']:5.2f}x")
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--quick", action="store_true",
+                      help="d_model 256 instead of 768 (~14M params), 10 repeats")
+  parser.add_argument("--repeats", type=int, default=None)
+  parser.add_argument("--deep-leaves", type=int, default=1000)
+  parser.add_argument("--compile-leaves", type=int, nargs="*", default=[100, 1000, 3000])
+  parser.add_argument("--sections", nargs="*",
+                      default=["transforms", "accumulation", "compile", "microbatch"])
+  parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results.json")))
+  args = parser.parse_args()
+  repeats = args.repeats or (10 if args.quick else 20)
+  d_model = 256 if args.quick else 768
+
+  wide = harness.gpt2_tree(d_model=d_model)
+  deep = harness.deep_tree(args.deep_leaves)
+  describe = lambda t: (f"{sum(x.size for x in jax.tree.leaves(t)) / 1e6:.1f}M float32 "
+                        f"params in {len(jax.tree.leaves(t))} leaves")
+  results = {"machine": harness.machine(), "quick": args.quick, "repeats": repeats,
+             "trees": {"wide": describe(wide), "deep": describe(deep)}}
+  print(results["machine"], flush=True)
+  out = pathlib.Path(args.out)
+  save = lambda: out.write_text(json.dumps(results, indent=2))  # after every section
+  if "transforms" in args.sections:
+    print("transforms", flush=True)
+    # The issue's targets are for the full-size wide tree; on the deep tree, compile time.
+    wide_targets = (lambda pair: {}) if args.quick else (lambda pair: pair.targets)
+    results["transforms"] = (
+        transforms_table(wide, "wide", repeats, wide_targets)
+        + transforms_table(deep, "deep", repeats, lambda pair: {"compile_ratio": 1.25}))
+    save()
+  if "accumulation" in args.sections:
+    print("accumulation", flush=True)
+    results["accumulation"] = accumulation_table(wide, cycles=max(repeats // 2, 5))
+    save()
+  del wide
+  if "compile" in args.sections:
+    print("compile time", flush=True)
+    results["compile"] = compile_table(args.compile_leaves)
+    save()
+  if "microbatch" in args.sections:
+    results["microbatch"] = microbatch_table(batch=4096, hidden=512)
+  for section in ("transforms", "accumulation", "compile", "microbatch"):
+    results.setdefault(section, [])
+  _print_tables(results)
+  save()
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  main()
