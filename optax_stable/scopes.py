@@ -29,9 +29,8 @@ kernel (the slice offset is baked in), and compiling 1,000 of them took XLA CPU 
 as the same step with per-group arrays, whose kernels are identical and compiled once.
 
 A tree's norms take one read of every leaf, in float32 whatever the leaf's dtype. A group whose
-sum of squares overflows float32 (elements above ~1e19) is summed again downscaled, in a
-`lax.cond` branch that only runs on such a step. (XLA's static `cost_analysis()` counts that
-branch's read too; at run time a normal step reads each leaf once.)
+sum of squares overflows float32 (elements above ~1e19) is summed again downscaled, by a second
+iteration of a loop that a normal step runs once.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -87,7 +86,7 @@ class _LeafPlan:
 class Partition:
   """The groups of one tree structure under a scope: computes norms and scales by group.
 
-  Built by `Grouping.partition(tree)`. Norm vectors are float32 with one entry per group (a
+  Built by `Grouping.partition(tree)`. Norm containers hold float32 entries, one per group (a
   group spanning a stacked axis of size L or `u` output units has L or `u` entries).
   """
 
