@@ -117,8 +117,8 @@ def test_overflowed_group_is_rescaled_alone_and_exactly():
            "b": {"w": jnp.array([3.0, 4.0], jnp.float32)}}
   clipped, state = _clip(grads, "layer", max_norm=10.0)
   np.testing.assert_allclose(float(state.max_group_norm), 3e38, rtol=1e-6)
-  np.testing.assert_allclose(np.asarray(clipped["a"]["w"]), [10.0, -1e5 * 10.0 / 3e38, 2.0 * 10.0 / 3e38],
-                             rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(clipped["a"]["w"]),
+                             [10.0, -1e5 * 10.0 / 3e38, 2.0 * 10.0 / 3e38], rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(clipped["b"]["w"]), [3.0, 4.0])  # norm 5: untouched
 
 
