@@ -58,9 +58,10 @@ def machine() -> str:
           f"{platform.machine()}; jax {jax.__version__}, optax {optax.__version__}")
 
 
-def _cost(compiled: Any) -> dict[str, float]:
+def bytes_accessed(compiled: Any) -> float:
+  """XLA's static `cost_analysis()` byte count of a compiled program."""
   cost = compiled.cost_analysis()
-  return cost[0] if isinstance(cost, list) else cost
+  return (cost[0] if isinstance(cost, list) else cost)["bytes accessed"]
 
 
 def _needs_params(tx: Any, grads: Any, state: Any) -> bool:
@@ -101,7 +102,7 @@ class Compiled:
     if _needs_params(tx, grads, state):
       floor += tree_bytes(params)
     return cls(tx=tx, run=compiled, state=state, trace_s=traced - start,
-               compile_s=done - traced, bytes_accessed=_cost(compiled)["bytes accessed"],
+               compile_s=done - traced, bytes_accessed=bytes_accessed(compiled),
                floor_bytes=floor, temp_bytes=int(memory.temp_size_in_bytes),
                argument_bytes=int(memory.argument_size_in_bytes), state_bytes=state_bytes)
 

@@ -141,9 +141,8 @@ def _check(targets: dict[str, float], row: dict[str, Any]) -> str:
   return "MISS " + ",".join(misses) if misses else ("ok" if targets else "")
 
 
-def transforms_table(tree: Any, tree_name: str, repeats: int,
+def transforms_table(params: Any, tree_name: str, repeats: int,
                      targets: Callable[[Pair], dict[str, float]]) -> list[dict[str, Any]]:
-  params = tree
   grads = jax.tree.map(lambda p: 0.05 * p + 1e-3, params)
   param_bytes = harness.tree_bytes(params)
   rows, cached = [], (None, None)
@@ -212,10 +211,10 @@ def accumulation_table(params: Any, cycles: int) -> list[dict[str, Any]]:
         # donation rejects.
         state = jax.tree.map(jnp.copy, tx.init(params))
         step = _train_step(tx, donate)
-        cost = harness._cost(step.lower(params, state, grads).compile())
+        static_bytes = harness.bytes_accessed(step.lower(params, state, grads).compile())
         runs[key] = {"step": step, "params": jax.tree.map(jnp.copy, params), "state": state,
                      "state_bytes": harness.tree_bytes(state),
-                     "static_bytes": cost["bytes accessed"]}
+                     "static_bytes": static_bytes}
 
       def one_step(_, run):
         run["params"], run["state"] = run["step"](run["params"], run["state"], grads)
