@@ -28,16 +28,38 @@ def all_finite(tree: Any, axis_name: Any = None) -> jax.Array:
 
 
 def zeros_like_param(param: Any, dtype: Any = None) -> jax.Array:
-  """Zeros shaped, typed (or `dtype`) and, under `jit`, sharded like `param`.
+  """Zeros shaped, typed (or `dtype`) and sharded like `param`, an array or a `ShapeDtypeStruct`.
 
-  `jnp.zeros_like` inside `jit` has no data dependency on its argument, so XLA gives it no
-  sharding and a `jax.jit(tx.init)` would replicate every per-parameter buffer. Deriving the
-  zeros from the parameter (NaN/Inf-safe) lets sharding propagation give them the parameter's.
+  `jnp.zeros_like` inside `jit` on an Auto mesh has no data dependency on its argument, so
+  XLA gives it no sharding and a `jax.jit(tx.init)` would replicate every per-parameter
+  buffer. Deriving the zeros from the parameter (NaN/Inf-safe) lets sharding propagation give
+  them the parameter's; under Explicit axes they inherit its sharding type. A
+  `jax.ShapeDtypeStruct` (abstract init, as frameworks plan shardings) has no values: its
+  zeros take its sharding.
   """
   dtype = param.dtype if dtype is None else dtype
-  if not jnp.issubdtype(param.dtype, jnp.inexact):
+  if not isinstance(param, jax.Array) or not jnp.issubdtype(param.dtype, jnp.inexact):
     return jnp.zeros_like(param, dtype)
   return jnp.where(jnp.isfinite(param), jnp.abs(param) * 0, 0).astype(dtype)
+
+
+def cast_like(new: Any, old: Any) -> Any:
+  """`new` with the dtypes, and under Explicit mesh axes the sharding types, of `old`.
+
+  A wrapper that may keep its inner state (a skipped or non-final step) returns it from one
+  branch of a `lax.cond` and the updated state from the other, and both must have one type.
+  An inner update may change it: Adam's moments of float16 params become float32 when the
+  gradients are float32, and a statistic planned replicated becomes sharded when it is
+  computed from sharded gradients. As `optax.MultiSteps` does, the new state is cast back.
+  """
+  def cast(new_leaf, old_leaf):
+    new_leaf = jnp.asarray(new_leaf).astype(old_leaf.dtype)
+    sharding = jax.typeof(old_leaf).sharding
+    if jax.typeof(new_leaf).sharding.spec != sharding.spec:
+      new_leaf = jax.sharding.reshard(new_leaf, sharding.spec)
+    return new_leaf
+
+  return jax.tree.map(cast, new, old)
 
 
 def check_matches(expected: Any, actual: Any, what: str,

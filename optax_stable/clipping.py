@@ -116,7 +116,7 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
       param_norms = partition.norms(params, what="params")
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
 
-    finite = jnp.all(jnp.isfinite(scopes.flat(norms)))
+    finite = _tree.all_finite(norms)
     factors = scopes.map_groups(
         lambda threshold, norm: jnp.where(
             finite, jnp.minimum(1.0, threshold / jnp.maximum(norm, _TINY)), 1.0),

@@ -17,14 +17,18 @@ def _update_unless(skip: jax.Array, inner: optax.GradientTransformationExtraArgs
 
   A `lax.cond`, not a `where` over both results: XLA CPU compiles a tree-wide select behind a
   predicate that depends on every leaf in time superlinear in the number of leaves (minutes
-  at 1,000 leaves), and the conditional also skips the inner work on a skipped step.
+  at 1,000 leaves), and the conditional also skips the inner work on a skipped step. Both
+  branches return one type: the new inner state is cast to the old one's (`_tree.cast_like`),
+  and the zero updates are built from the real gradients (an inner update has their shapes
+  and sharding), in the dtypes the inner update has.
   """
   def run():
-    return inner.update(updates, inner_state, params, **extra_args)
+    new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
+    return new_updates, _tree.cast_like(new_state, inner_state)
 
   def skipped():
-    new_updates = jax.eval_shape(run)[0]
-    return jax.tree.map(lambda u: jnp.zeros(u.shape, u.dtype), new_updates), inner_state
+    dtypes = jax.eval_shape(run)[0]
+    return jax.tree.map(lambda u, d: jnp.zeros_like(u, d.dtype), updates, dtypes), inner_state
 
   return jax.lax.cond(skip, skipped, run)
 
@@ -178,8 +182,8 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
   loss never enters the statistics (it is skipped and counted in `nonfinite_values`; one NaN in
   an EMA would otherwise flag every later step), the gradient norm watched is the one before
   any clipping inside `inner`, the statistics are bias-corrected (an EMA variance started at
-  zero underestimates the spread for hundreds of steps and flags noise as spikes), and skipping
-  selects the old state and zero updates with `jnp.where`, so a non-finite inner update never
+  zero underestimates the spread for hundreds of steps and flags noise as spikes), and a
+  skipped step does not run `inner` at all (a `lax.cond`), so a non-finite inner update never
   reaches the parameters.
 
   Args:

@@ -151,8 +151,7 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: floa
     # (p + u) * (1 - lr * wd) - p  ==  u * (1 - lr * wd) - lr * wd * p
     parts += [
         optax.scale_by_schedule(lambda count: 1 - schedule(count) * weight_decay),
-        optax.inject_hyperparams(optax.add_decayed_weights)(
-            weight_decay=lambda count: -schedule(count) * weight_decay),
+        weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate),
     ]
   return optax.chain(*parts)
 

@@ -22,7 +22,8 @@ Leaves whose dtype is not floating point (step counters, integer buffers) and le
 Group norms come in a *norm container*: a tuple with one float32 array per label, shaped like
 its groups (a scalar; `(L,)` for a stacked leaf; `(units,)` at scope `"unit"`, so per-unit
 statistics are sharded like their parameters), or, where state built from it must have a
-structure independent of the number of groups, one float32 vector. Policies treat every entry
+structure independent of the number of groups, one float32 vector (always for a tree without
+groups). Policies treat every entry
 of a container as an independent group and map over its arrays (`map_groups`). Per-group arrays
 compile fastest: a leaf that reads its entry out of a shared vector becomes a distinct XLA
 kernel (the slice offset is baked in), and compiling 1,000 of them took XLA CPU ~7x as long
@@ -60,18 +61,26 @@ def map_groups(fn: Callable[..., Any], *containers: NormContainer, outputs: int 
   result = jax.tree.map(fn, *containers)
   if outputs == 1:
     return result
-  if not jax.tree.leaves(containers[0]):  # no groups (an empty tree at scope "unit")
-    return tuple(result for _ in range(outputs))
   return jax.tree.transpose(jax.tree.structure(containers[0]),
                             jax.tree.structure((0,) * outputs), result)
 
 
 def flat(container: NormContainer) -> jax.Array:
-  """All entries of a norm container as one vector (for scalar summaries)."""
-  pieces = [jnp.ravel(piece) for piece in jax.tree.leaves(container)]
+  """All entries of a norm container as one vector (for scalar summaries).
+
+  Under Explicit mesh axes the per-unit norms of kernels split over their output units are
+  sharded, each array its own way; they are gathered (one float per unit) before joining.
+  """
+  pieces = [_replicated(jnp.ravel(piece)) for piece in jax.tree.leaves(container)]
   if not pieces:
     return jnp.zeros((0,), jnp.float32)
   return jnp.concatenate(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+  if any(axis is not None for axis in jax.typeof(x).sharding.spec):
+    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
+  return x
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +107,10 @@ class Partition:
     self.plans = plans
     self.group_labels = group_labels
     self.group_shapes = group_shapes
-    self.group_arrays = group_arrays  # container: one array per group, or one vector
+    # Container: one array per group, or one vector. A tree without groups gets the empty
+    # vector, a leaf, so a state initialised from a leafless placeholder (what
+    # `optax.tree_map_params` passes to `init`) is a prefix of the state of a real tree.
+    self.group_arrays = group_arrays and bool(group_shapes)
     self.sizes = [math.prod(shape) for shape in group_shapes]
     self.offsets = [0, *itertools.accumulate(self.sizes)][:-1]  # linear in the group count
     self.size = sum(self.sizes)
@@ -162,11 +174,14 @@ class Partition:
     """Float32 L2 norm of every group of `tree`, as a norm container (one read of every leaf)."""
     leaves = self._leaves(tree, what)
 
+    def group_sums(leaf_sum):
+      return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
+
     def scaled_squares(scales):
       def leaf_sum(leaf, plan):
         scaled = leaf.astype(_compute_dtype(leaf)) * self._group_values(scales, plan)
         return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
-      return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
+      return group_sums(leaf_sum)
 
     # A second pass only runs on a step where a sum of squares overflowed (or the tree holds
     # NaN/Inf): each overflowed group is summed again scaled by 2**-80. That is exact to
@@ -178,7 +193,7 @@ class Partition:
     # XLA's static `cost_analysis()` counts the one read a normal step makes.
     def another_pass(carry):
       passes, _, squares = carry
-      return (passes == 0) | ((passes == 1) & ~jnp.all(jnp.isfinite(flat(squares))))
+      return (passes == 0) | ((passes == 1) & ~_tree.all_finite(squares))
 
     def one_pass(carry):
       passes, scales, squares = carry
@@ -186,10 +201,11 @@ class Partition:
           (passes > 0) & jnp.isinf(sq), _OVERFLOW_SCALE, scale), squares, scales)
       return passes + 1, scales, scaled_squares(scales)
 
-    if self.group_arrays:
-      ones = tuple(jnp.ones(shape, jnp.float32) for shape in self.group_shapes)
-    else:
-      ones = jnp.ones((self.size,), jnp.float32)
+    # A loop carry keeps one type from start to end: sharding (a kernel split over its output
+    # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
+    # that start it take their type from sums over the same axes, which XLA drops unused.
+    ones = map_groups(lambda total: jnp.ones_like(total, jnp.float32), group_sums(
+        lambda leaf, plan: jnp.sum(jnp.real(leaf), axis=plan.reduce_axes, dtype=jnp.float32)))
     _, scales, squares = jax.lax.while_loop(another_pass, one_pass, (0, ones, ones))
     return map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares, scales)
 

@@ -160,7 +160,9 @@ def periodic_reset(inner: optax.GradientTransformation,
     fresh = inner.init(updates if params is None else params)
     inner_state = _tree.select(step % every == 0, fresh, state.inner_state)
     updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
-    return updates, PeriodicResetState(inner_state=inner_state, count=step)
+    # The state keeps its types across steps (see `_tree.cast_like`), so the step compiles once.
+    return updates, PeriodicResetState(inner_state=_tree.cast_like(inner_state, state.inner_state),
+                                       count=step)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -1,104 +1,168 @@
-"""Run under 8 simulated CPU devices: every transform and recipe in a sharded Flax train step.
+"""Run under 8 simulated CPU devices: every registry entry trains sharded as on one device.
 
-Data parallel (params replicated, batch split over all 8 devices) and FSDP-style (kernels split
-over a 4-device "fsdp" axis, batch over a 2-device "data" axis, optimizer state created by a
-jitted init on the sharded params) under `jax.jit` with `NamedSharding`: parameters and
-optimizer states equal the single-device run to float32 rounding over 10 steps (see
-`check_close`), and every
-param-shaped buffer of the state is sharded like its parameter. Prints "ok".
+Meshes come from `jax.make_mesh`, with Explicit axis types (its default, used with
+`jax.set_mesh`) and with Auto axis types. Three layouts of a 3-layer MLP:
+
+* data parallel: params replicated, the batch split over all 8 devices;
+* FSDP: kernels split over a 4-device "fsdp" axis (input dimension), the batch over a 2-device
+  "data" axis; under Explicit axes the loss all-gathers the params with `reshard`;
+* tensor parallel (Megatron): the first kernel and its bias split over a 4-device "model" axis
+  on the output dimension (column-parallel), the second kernel on its input dimension
+  (row-parallel), the batch over "data".
+
+For every entry and every mesh and layout: the state from `jax.jit(tx.init)` on sharded
+params, from `tx.init` on sharded `jax.ShapeDtypeStruct`s (Explicit) and from
+`jax.jit(tx.init, out_shardings=...)` with shardings derived by `optax.tree_map_params` agree;
+after 10 jitted steps (compiled once) params and state equal the single-device run to float32
+rounding (see `check_close`); every per-parameter buffer carries its parameter's sharding
+(`jax.typeof(x).sharding` under Explicit axes), per-unit statistics of the column-parallel
+kernel are split over "model" like its output units, scalars are replicated. Prints "ok".
 """
 
 import pathlib
 import sys
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-from test_checkpointing import GRADIENT_ONLY, TRANSFORMS  # pylint: disable=wrong-import-position
+import registry  # pylint: disable=wrong-import-position
 
 assert jax.device_count() == 8, jax.devices()
-mesh = Mesh(np.array(jax.devices()).reshape(4, 2), ("fsdp", "data"))
-
-
-class MLP(nn.Module):
-
-  @nn.compact
-  def __call__(self, x):
-    x = nn.tanh(nn.Dense(32)(x))
-    x = nn.tanh(nn.Dense(16)(x))
-    return nn.Dense(1)(x)
-
 
 rng = np.random.default_rng(0)
+SHAPES = {"Dense_0": {"kernel": (8, 32), "bias": (32,)},
+          "Dense_1": {"kernel": (32, 16), "bias": (16,)},
+          "Dense_2": {"kernel": (16, 1), "bias": (1,)}}
+params = jax.tree.map(lambda s: jnp.asarray(rng.normal(size=s) / np.sqrt(s[0]), jnp.float32),
+                      SHAPES, is_leaf=lambda s: isinstance(s, tuple))
 batches = [(jnp.asarray(rng.normal(size=(16, 8)), jnp.float32),
             jnp.asarray(rng.normal(size=(16, 1)), jnp.float32)) for _ in range(10)]
-params = MLP().init(jax.random.key(0), batches[0][0])
+COLUMN_PARALLEL_UNITS = 32  # output units of Dense_0, split over "model" in tensor parallel
 
-
-def loss_fn(params, x, y):
-  return jnp.mean((MLP().apply(params, x) - y) ** 2)
-
-
-def fsdp_spec(leaf):
-  return P("fsdp", None) if leaf.ndim == 2 else P()
-
-
-MODES = {
-    "data parallel": (jax.tree.map(lambda _: P(), params), P(("fsdp", "data"), None)),
-    "fsdp": (jax.tree.map(fsdp_spec, params), P("data", None)),
+LAYOUTS = {  # axis names, param specs, batch spec, params all-gathered in the loss
+    "data parallel": (("data", "fsdp"), jax.tree.map(lambda _: P(), SHAPES, is_leaf=lambda s:
+                                                      isinstance(s, tuple)),
+                      P(("data", "fsdp"), None), False),
+    "fsdp": (("data", "fsdp"),
+             {name: {"kernel": P(None, None) if name == "Dense_2" else P("fsdp", None),
+                     "bias": P()} for name in SHAPES}, P("data", None), True),
+    "tensor parallel": (("data", "model"),
+                        {"Dense_0": {"kernel": P(None, "model"), "bias": P("model")},
+                         "Dense_1": {"kernel": P("model", None), "bias": P()},
+                         "Dense_2": {"kernel": P(), "bias": P()}}, P("data", None), False),
 }
 
 
-def run(tx, params, state, put_batch):
-  @jax.jit
+def loss_fn(params, x, y, batch_spec, gather):
+  if gather:  # FSDP: every device needs the whole kernel for its part of the batch
+    params = jax.tree.map(lambda p: jax.sharding.reshard(p, P()), params)
+  layer0, layer1, layer2 = params["Dense_0"], params["Dense_1"], params["Dense_2"]
+  h = jnp.tanh(x @ layer0["kernel"] + layer0["bias"])
+  # Row-parallel: the contraction runs over a sharded axis; Explicit axes name the result's
+  # sharding (`batch_spec`, None elsewhere).
+  h = jnp.tanh(jnp.matmul(h, layer1["kernel"], out_sharding=batch_spec) + layer1["bias"])
+  return jnp.mean((h @ layer2["kernel"] + layer2["bias"] - y) ** 2)
+
+
+def train(tx, params, state, put_batch, batch_spec=None, gather=False, out_shardings=None):
   def step(params, state, x, y):
-    loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+    loss, grads = jax.value_and_grad(loss_fn)(params, x, y, batch_spec, gather)
     updates, state = tx.update(grads, state, params, value=loss)
     return optax.apply_updates(params, updates), state
 
+  step = jax.jit(step, out_shardings=out_shardings)
   for x, y in batches:
     params, state = step(params, state, *map(put_batch, (x, y)))
+  assert step._cache_size() == 1, "a later step recompiled"  # pylint: disable=protected-access
   return params, state
 
 
 def check_close(name, got, expected):
   """1e-6 relative, plus 2e-6 of each array's scale for elements near zero.
 
-  A split batch sums the loss and its gradient in another order, and ten steps accumulate
-  that rounding: plain `optax.adam(1e-2)` alone ends 2.7e-7 (data parallel) and 3.5e-7 (FSDP)
-  of the parameters' scale away from its single-device run (measured here).
+  A split batch (or a split contraction) sums in another order, and ten steps accumulate
+  that rounding: plain `optax.adam(1e-2)` alone ends 2.7e-7 (data parallel) and 3.5e-7
+  (FSDP) of the parameters' scale away from its single-device run (measured here).
   """
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0], jax.tree.leaves(expected)):
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  assert len(got_leaves) == len(jax.tree.leaves(expected)), name
+  for (path, a), b in zip(got_leaves, jax.tree.leaves(expected)):
     b = np.asarray(b, np.float64)
     scale = float(np.max(np.abs(b))) if b.size else 0.0
     np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=2e-6 * scale,
                                err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
 
-for name, make in TRANSFORMS.items():
-  tx = make()
-  if name in GRADIENT_ONLY:
-    tx = optax.chain(tx, optax.adam(1e-2))
-  tx = optax.with_extra_args_support(tx)
-  expected = run(tx, params, tx.init(params), lambda a: a)
-  for mode, (param_specs, batch_spec) in MODES.items():
-    param_shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs)
-    sharded_params = jax.device_put(params, param_shardings)
-    state = jax.jit(tx.init)(sharded_params)
-    got = run(tx, sharded_params, state,
-              lambda a: jax.device_put(a, NamedSharding(mesh, batch_spec)))
-    check_close(f"{name} ({mode})", got, expected)
-    if mode == "fsdp":  # per-parameter buffers follow their params, scalars are replicated
-      kernel = got[0]["params"]["Dense_0"]["kernel"]
-      for leaf in jax.tree.leaves(got[1]):
-        if leaf.shape == kernel.shape:
-          assert leaf.sharding.is_equivalent_to(kernel.sharding, 2), (name, leaf.sharding)
-        elif leaf.ndim == 0:
-          assert leaf.sharding.is_fully_replicated, (name, leaf.sharding)
-  print(f"{name}: data parallel and FSDP == single device over 10 steps", flush=True)
+def check_state_shardings(name, tx, state, params, explicit, tensor_parallel):
+  """Per-parameter buffers sharded like their params; per-unit statistics by output unit."""
+  def same_as_param(buffer, param):
+    assert buffer.sharding.is_equivalent_to(param.sharding, param.ndim), (
+        name, buffer.shape, buffer.sharding, param.sharding)
+    if explicit:
+      assert jax.typeof(buffer).sharding.spec == jax.typeof(param).sharding.spec, name
+    return buffer
+
+  def other(subtree):
+    for leaf in jax.tree.leaves(subtree):
+      if leaf.ndim == 0:
+        assert leaf.sharding.is_fully_replicated, (name, leaf.sharding)
+      elif tensor_parallel and leaf.shape[-1] == COLUMN_PARALLEL_UNITS:
+        expected = NamedSharding(leaf.sharding.mesh, P(*[None] * (leaf.ndim - 1), "model"))
+        assert leaf.sharding.is_equivalent_to(expected, leaf.ndim), (name, leaf.sharding)
+    return subtree
+
+  optax.tree_map_params(tx, same_as_param, state, params, transform_non_params=other)
+
+
+expected_runs = {}
+for name in registry.TRANSFORMS:
+  tx = registry.trainable(name)
+  expected_runs[name] = train(tx, params, tx.init(params), lambda a: a)
+
+for axis_type in (AxisType.Explicit, AxisType.Auto):
+  explicit = axis_type == AxisType.Explicit
+  for layout, (axes, specs, batch_spec, gather) in LAYOUTS.items():
+    mesh = jax.make_mesh((2, 4), axes, axis_types=(axis_type,) * 2)
+    # Specs spelled to full rank, as the arrays a step returns spell theirs (P() and
+    # P(None, None) are the same layout but different cache keys).
+    shardings = jax.tree.map(
+        lambda spec, shape, m=mesh: NamedSharding(m, P(*spec, *[None] * (len(shape) - len(spec)))),
+        specs, SHAPES, is_leaf=lambda x: isinstance(x, P))
+    replicated = NamedSharding(mesh, P())
+    tensor_parallel = layout == "tensor parallel"
+    with jax.set_mesh(mesh):
+      sharded_params = jax.device_put(params, shardings)
+      put_batch = lambda a, m=mesh: jax.device_put(a, NamedSharding(m, batch_spec))
+      for name in registry.TRANSFORMS:
+        tx = registry.trainable(name)
+        label = f"{name} ({axis_type.name}, {layout})"
+        # How frameworks plan the state: its shardings derived from the params' (Optax's own
+        # buffers get no sharding from a plain jitted init on Auto meshes).
+        planned = optax.tree_map_params(tx, lambda _, sharding: sharding,
+                                        jax.eval_shape(tx.init, params), shardings,
+                                        transform_non_params=lambda _: replicated)
+        state = jax.jit(tx.init, out_shardings=planned)(sharded_params)
+        out_shardings = None
+        if explicit:  # sharding types flow: no plan needed, and abstract init honours them
+          structs = jax.tree.map(
+              lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding),
+              sharded_params)
+          for init_state in (jax.jit(tx.init)(sharded_params), tx.init(structs)):
+            check_state_shardings(label, tx, init_state, sharded_params, explicit,
+                                  tensor_parallel)
+          jax.tree.map(np.testing.assert_array_equal, jax.jit(tx.init)(sharded_params), state)
+          state = jax.jit(tx.init)(sharded_params)
+        else:
+          check_state_shardings(label, tx, state, sharded_params, explicit, False)
+          out_shardings = (shardings, planned)
+        got = train(tx, sharded_params, state, put_batch, batch_spec if explicit else None,
+                    gather and explicit, out_shardings)
+        check_close(label, got, expected_runs[name])
+        check_state_shardings(label, tx, got[1], got[0], explicit, tensor_parallel and explicit)
+      print(f"{axis_type.name} mesh, {layout}: every entry == single device over 10 steps",
+            flush=True)
 print("ok")
