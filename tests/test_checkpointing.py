@@ -6,34 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-import optax_stable as ostab
+import registry
 
 ocp = pytest.importorskip("orbax.checkpoint")
-
-TRANSFORMS = {
-    "clip_by_global_norm": lambda: ostab.clip_by_global_norm(1.0),
-    "clip_by_norm[layer]": lambda: ostab.clip_by_norm(0.5),
-    "adaptive_grad_clip": lambda: ostab.adaptive_grad_clip(0.05),
-    "autoclip[leaf]": lambda: ostab.autoclip(0.8, history_length=4, scope="leaf"),
-    "zclip": lambda: ostab.zclip(warmup_steps=2, max_norm=None),
-    "adagc": lambda: ostab.adagc(warmup_steps=3),
-    "spike_clip": lambda: ostab.spike_clip(2.0, b2=0.9, warmup_steps=2, reset_every=4),
-    "skip_nonfinite": lambda: ostab.skip_nonfinite(optax.adam(1e-2)),
-    "skip_spikes": lambda: ostab.skip_spikes(optax.adam(1e-2), warmup_steps=2),
-    "accumulate": lambda: ostab.accumulate(optax.adam(1e-2), 3),
-    "periodic_reset": lambda: ostab.periodic_reset(optax.adam(1e-2), 4),
-    "decoupled_weight_decay": lambda: optax.chain(
-        optax.adam(1e-2), ostab.decoupled_weight_decay(0.1, learning_rate=1e-2)),
-    "recipes.adagc": lambda: ostab.recipes.adagc(warmup_steps=3),
-    "recipes.spam": lambda: ostab.recipes.spam(update_proj_gap=4, grad_accu_steps=2,
-                                               warmup_steps=2, weight_decay=0.1),
-    "recipes.robust_adamw": lambda: ostab.recipes.robust_adamw(
-        1e-2, accumulate_every=2, clip_kwargs={"warmup_steps": 2}),
-}
-
-# The entries above that only reshape gradients (no optimizer inside): trained behind Adam.
-GRADIENT_ONLY = ("clip_by_global_norm", "clip_by_norm[layer]", "adaptive_grad_clip",
-                 "autoclip[leaf]", "zclip", "adagc", "spike_clip")
 
 STEPS, SAVE_AFTER = 8, 5
 
@@ -47,9 +22,9 @@ def _sequence():
   return grads
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", list(registry.TRANSFORMS))
 def test_resumed_run_is_bit_identical(name, tmp_path):
-  tx = optax.with_extra_args_support(TRANSFORMS[name]())
+  tx = optax.with_extra_args_support(registry.make(name))
   params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros((2,))}}
   grads = _sequence()
 

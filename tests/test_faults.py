@@ -15,7 +15,7 @@ import optax
 import pytest
 
 import optax_stable as ostab
-from test_checkpointing import GRADIENT_ONLY, TRANSFORMS
+import registry
 
 STEPS = 200
 FAULTS = ("nan", "+inf", "-inf", "1e30")
@@ -31,8 +31,8 @@ class _MLP(nn.Module):
 def _guarded(name):
   if name == "recipes.robust_adamw":
     return ostab.recipes.robust_adamw(1e-2)  # the recommended chain itself
-  inner = [TRANSFORMS[name]()] + ([optax.adam(1e-2)] if name in GRADIENT_ONLY else [])
-  return ostab.skip_nonfinite(optax.chain(ostab.clip_by_global_norm(10.0), *inner))
+  return ostab.skip_nonfinite(optax.chain(ostab.clip_by_global_norm(10.0),
+                                          registry.trainable(name)))
 
 
 def _fault_plan(seed):
@@ -86,7 +86,7 @@ def _train(tx, faults):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", list(registry.TRANSFORMS))
 def test_training_survives_injected_faults(name):
   tx = optax.with_extra_args_support(_guarded(name))
   faults = _fault_plan(seed=len(name))

@@ -1,4 +1,4 @@
-"""Our states under the tools frameworks use to shard optimizer state."""
+"""Our states under the tools frameworks use to plan and shard optimizer state."""
 
 import jax
 import jax.numpy as jnp
@@ -6,25 +6,28 @@ import numpy as np
 import optax
 import pytest
 
-import optax_stable as ostab
-from test_checkpointing import TRANSFORMS
+import registry
 
 PARAMS = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros((4,))}}
 
 
 # Transforms whose state holds whole copies of the params (moments, accumulators).
-PER_PARAMETER_BUFFERS = {"spike_clip": 1, "skip_nonfinite": 2, "skip_spikes": 2,
-                         "accumulate": 3, "periodic_reset": 2, "decoupled_weight_decay": 2,
-                         "recipes.adagc": 2, "recipes.spam": 3, "recipes.robust_adamw": 3}
+PER_PARAMETER_BUFFERS = {"spike_clip": 1, "scale_by_adam_moments": 2, "skip_nonfinite": 2,
+                         "skip_spikes": 2, "accumulate": 3, "periodic_reset": 2,
+                         "decoupled_weight_decay": 2, "recipes.adagc": 2, "recipes.spam": 3,
+                         "recipes.robust_adamw": 3}
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
+@pytest.mark.parametrize("name", list(registry.TRANSFORMS))
 def test_tree_map_params_finds_every_param_shaped_buffer(name):
-  tx = TRANSFORMS[name]()
+  tx = registry.make(name)
   state = tx.init(PARAMS)
   specs = jax.tree.map(lambda p: f"spec {p.shape}", PARAMS)
-  mapped = optax.tree_map_params(tx, lambda _, spec: spec, state, specs,
-                                 transform_non_params=lambda _: "replicated")
+  # Per-group statistics (a tuple of arrays at scope "unit") reach `transform_non_params`
+  # whole: their structure depends on the tree, which `tree_map_params` does not show `init`.
+  mapped = optax.tree_map_params(
+      tx, lambda _, spec: spec, state, specs,
+      transform_non_params=lambda subtree: jax.tree.map(lambda _: "replicated", subtree))
   mapped_leaves = jax.tree.leaves(mapped)
   state_leaves = jax.tree.leaves(state)
   assert len(mapped_leaves) == len(state_leaves)
@@ -38,12 +41,16 @@ def test_tree_map_params_finds_every_param_shaped_buffer(name):
   assert copies == 2 * PER_PARAMETER_BUFFERS.get(name, 0)  # two leaves per params copy
 
 
-@pytest.mark.parametrize("name", list(TRANSFORMS))
-def test_eval_shape_of_init_with_abstract_params(name):
-  tx = TRANSFORMS[name]()
-  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), PARAMS)
-  shapes = jax.eval_shape(tx.init, abstract)
-  concrete = tx.init(PARAMS)
-  assert jax.tree.structure(shapes) == jax.tree.structure(concrete)
-  for shape, leaf in zip(jax.tree.leaves(shapes), jax.tree.leaves(concrete)):
-    assert shape.shape == leaf.shape and shape.dtype == leaf.dtype
+@pytest.mark.parametrize("name", list(registry.TRANSFORMS))
+def test_init_of_abstract_params_matches_eval_shape(name):
+  tx = registry.make(name)
+  params = {**PARAMS, "half": jnp.ones((2, 5), jnp.bfloat16), "step": jnp.zeros((), jnp.int32)}
+  structs = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
+  expected = jax.eval_shape(tx.init, structs)
+  for state in (tx.init(structs), tx.init(params)):  # as Optax's own transforms accept both
+    assert jax.tree.structure(state) == jax.tree.structure(expected)
+    for leaf, shape in zip(jax.tree.leaves(state), jax.tree.leaves(expected)):
+      assert isinstance(leaf, jax.Array)
+      assert leaf.shape == shape.shape and leaf.dtype == shape.dtype
+  np.testing.assert_equal(jax.tree.map(np.asarray, tx.init(structs)),
+                          jax.tree.map(np.asarray, tx.init(params)))
