@@ -43,20 +43,21 @@ def _tree(rng, dtype):
 def test_low_precision_params_and_grads(name, optimizer):
   tx = registry.trainable(name, OPTIMIZERS[optimizer]())
 
-  def step(params, state, grads, loss):
-    updates, state = tx.update(grads, state, params, value=loss)
-    return optax.apply_updates(params, updates), state
+  def steps(params, states, grads, loss):  # every dtype mix in one program: one compile
+    out = [tx.update(g, s, p, value=loss) for p, s, g in zip(params, states, grads)]
+    return ([optax.apply_updates(p, updates) for p, (updates, _) in zip(params, out)],
+            [state for _, state in out])
 
   rng = np.random.default_rng(0)
-  for param_dtype, grad_dtype in DTYPES:
-    params = _tree(rng, param_dtype)
-    state = tx.init(params)
-    jitted = jax.jit(step)
-    for _ in range(3):
-      grads = _tree(rng, grad_dtype)
-      params, state = jitted(params, state, grads, jnp.float32(rng.uniform(1.0, 2.0)))
+  params = [_tree(rng, param_dtype) for param_dtype, _ in DTYPES]
+  states = [tx.init(p) for p in params]
+  jitted = jax.jit(steps)
+  for _ in range(3):
+    grads = [_tree(rng, grad_dtype) for _, grad_dtype in DTYPES]
+    params, states = jitted(params, states, grads, jnp.float32(rng.uniform(1.0, 2.0)))
+  for (param_dtype, grad_dtype), p, state in zip(DTYPES, params, states):
     label = f"params {jnp.dtype(param_dtype)}, gradients {jnp.dtype(grad_dtype)}"
-    for leaf in jax.tree.leaves(params):
+    for leaf in jax.tree.leaves(p):
       assert leaf.dtype == param_dtype, label
       assert np.all(np.isfinite(np.asarray(leaf, np.float32))), label
     for leaf in jax.tree.leaves(state):

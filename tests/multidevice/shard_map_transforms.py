@@ -55,7 +55,7 @@ for name, make in TRANSFORMS.items():
                                       is_leaf=lambda x: isinstance(x, P))
   sharded_update = jax.jit(jax.shard_map(
       sharded.update, mesh=mesh, in_specs=(split, state_specs, split),
-      out_specs=(split, state_specs), check_vma=False))
+      out_specs=(split, state_specs)))
   for index, grads in enumerate(sequence):
     expected, ref_state = jax.jit(reference.update)(grads, ref_state, params)
     got, sharded_state = sharded_update(grads, sharded_state, params)
