@@ -10,7 +10,10 @@ exercise every branch: warm-up ends, histories fill, resets happen.
 """
 
 from collections.abc import Callable
+from typing import Any
 
+import jax
+import numpy as np
 import optax
 
 import optax_stable as ostab
@@ -52,11 +55,8 @@ GRADIENT_ONLY = ("clip[quantile,layer]", "clip_by_global_norm", "clip_by_norm[la
                  "clip_by_norm[unit]", "adaptive_grad_clip", "autoclip[leaf]", "zclip",
                  "zclip[unit]", "adagc", "spike_clip", "add_l2_penalty", "add_l1_penalty")
 
-# The entries that take the optimizer: chained after it, or wrapping it.
-TAKES_OPTIMIZER = GRADIENT_ONLY + ("skip_nonfinite", "skip_spikes", "accumulate",
-                                   "periodic_reset", "decoupled_weight_decay")
-
-RECIPES = tuple(name for name in TRANSFORMS if name.startswith("recipes."))
+# The entries that wrap the optimizer (and so must keep its state's types across steps).
+WRAPPERS = ("skip_nonfinite", "skip_spikes", "accumulate", "periodic_reset")
 
 
 def default_optimizer() -> optax.GradientTransformation:
@@ -77,3 +77,38 @@ def trainable(name: str, optimizer: optax.GradientTransformation | None = None
   if name in GRADIENT_ONLY:
     tx = optax.chain(tx, optimizer)
   return optax.with_extra_args_support(tx)
+
+
+def step_all(transforms: dict[str, optax.GradientTransformationExtraArgs],
+             loss_fn: Callable[..., jax.Array]) -> Callable[..., Any]:
+  """A train step of every entry of `transforms` at once; params and states are dicts by name.
+
+  The sharding and multi-process tests jit it: one program for the whole registry compiles in
+  about half the time of one program per entry (19 s against ~42 s on 8 simulated devices).
+  `loss_fn(params, x, y)` is the loss of one entry's params; its value reaches `value=`.
+  """
+  def step(params, states, x, y):
+    new_params, new_states = {}, {}
+    for name, tx in transforms.items():
+      loss, grads = jax.value_and_grad(loss_fn)(params[name], x, y)
+      updates, new_states[name] = tx.update(grads, states[name], params[name], value=loss)
+      new_params[name] = optax.apply_updates(params[name], updates)
+    return new_params, new_states
+
+  return step
+
+
+def assert_close_to_single_device(label: str, got: Any, expected: Any) -> None:
+  """1e-6 relative, plus 2e-6 of each array's scale for elements near zero.
+
+  A split batch (or a split contraction) sums in another order, and ten steps accumulate
+  that rounding: plain `optax.adam(1e-2)` alone ends 2.7e-7 (data parallel) and 3.5e-7
+  (FSDP) of the parameters' scale away from its single-device run (measured).
+  """
+  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
+  assert len(got_leaves) == len(jax.tree.leaves(expected)), label
+  for (path, a), b in zip(got_leaves, jax.tree.leaves(expected)):
+    b = np.asarray(b, np.float64)
+    scale = float(np.max(np.abs(b))) if b.size else 0.0
+    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=2e-6 * scale,
+                               err_msg=f"{label}: {jax.tree_util.keystr(path)}")

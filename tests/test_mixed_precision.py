@@ -16,9 +16,8 @@ DTYPES = [(F32, BF16), (BF16, F32), (BF16, BF16), (F16, F32), (F16, BF16), (F16,
 # after an update; with `mu_dtype` the first moment keeps float32. Wrappers must cope with both.
 OPTIMIZERS = {"adam": lambda: optax.adam(1e-2),
               "adam[mu_dtype=f32]": lambda: optax.adam(1e-2, mu_dtype=F32)}
-WRAPPERS = ("skip_nonfinite", "skip_spikes", "accumulate", "periodic_reset")
 CASES = [(name, optimizer) for name in registry.TRANSFORMS
-         for optimizer in (OPTIMIZERS if name in WRAPPERS else ["adam"])]
+         for optimizer in (OPTIMIZERS if name in registry.WRAPPERS else ["adam"])]
 
 
 SHAPES = {"dense": {"kernel": (4, 3), "bias": (3,)}, "conv": {"kernel": (2, 2, 3, 2)}}

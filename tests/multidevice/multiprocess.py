@@ -9,6 +9,7 @@ registry entry trains 10 steps in one jitted program; the gathered parameters an
 equal a single-device run of the same steps made by each process on its own. Prints "ok".
 """
 
+import functools
 import pathlib
 import sys
 
@@ -24,7 +25,6 @@ import jax.numpy as jnp
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 import numpy as np
-import optax
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 import registry
@@ -49,15 +49,7 @@ def loss_fn(params, x, y, gather):
 
 
 def train(params, put, gather):
-  def step(params, states, x, y):
-    new_params, new_states = {}, {}
-    for name, tx in TRANSFORMS.items():
-      loss, grads = jax.value_and_grad(loss_fn)(params[name], x, y, gather)
-      updates, new_states[name] = tx.update(grads, states[name], params[name], value=loss)
-      new_params[name] = optax.apply_updates(params[name], updates)
-    return new_params, new_states
-
-  step = jax.jit(step)
+  step = jax.jit(registry.step_all(TRANSFORMS, functools.partial(loss_fn, gather=gather)))
   states = jax.jit(lambda p: {name: tx.init(p) for name, tx in TRANSFORMS.items()})(params)
   params = {name: params for name in TRANSFORMS}
   for x, y in batches:
@@ -91,13 +83,8 @@ with jax.set_mesh(mesh):
   got = multihost_utils.process_allgather(got, tiled=True)
 
 for name in TRANSFORMS:
-  for (path, a), b in zip(jax.tree_util.tree_flatten_with_path((got[0][name], got[1][name]))[0],
-                          jax.tree.leaves((expected[0][name], expected[1][name]))):
-    b = np.asarray(b, np.float64)
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    # As in sharded_training.py: a split batch sums in another order (float32 rounding).
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=2e-6 * scale,
-                               err_msg=f"{name}: {jax.tree_util.keystr(path)}")
+  registry.assert_close_to_single_device(name, (got[0][name], got[1][name]),
+                                         (expected[0][name], expected[1][name]))
 print(f"process {process_id}: every entry over 2 processes == single device over 10 steps")
 jax.distributed.shutdown()
 print("ok")

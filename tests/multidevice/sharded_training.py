@@ -15,10 +15,11 @@ For every entry and layout: the state from `jax.jit(tx.init)` on sharded params 
 from `tx.init` on sharded `jax.ShapeDtypeStruct`s (Explicit) and from
 `jax.jit(tx.init, out_shardings=...)` with shardings planned by `optax.tree_map_params` agree;
 after 10 jitted steps (compiled once) params and state equal the single-device run to float32
-rounding (see `check_close`); every per-parameter buffer carries its parameter's sharding
+rounding (see `registry.assert_close_to_single_device`); every per-parameter buffer carries its parameter's sharding
 (`jax.typeof(x).sharding` under Explicit axes), per-unit statistics of the column-parallel
 kernel are split over "model" like its output units, scalars are replicated. Prints "ok"."""
 
+import functools
 import pathlib
 import sys
 
@@ -72,20 +73,9 @@ TRANSFORMS = {name: registry.trainable(name) for name in registry.TRANSFORMS}
 
 
 def train(params, states, put_batch, batch_spec=None, gather=False, out_shardings=None):
-  """10 steps of every registry entry at once: one program, compiled once.
-
-  One program for the whole registry compiles in about half the time of one per entry.
-  `params` and `states` are dicts by entry name.
-  """
-  def step(params, states, x, y):
-    new_params, new_states = {}, {}
-    for name, tx in TRANSFORMS.items():
-      loss, grads = jax.value_and_grad(loss_fn)(params[name], x, y, batch_spec, gather)
-      updates, new_states[name] = tx.update(grads, states[name], params[name], value=loss)
-      new_params[name] = optax.apply_updates(params[name], updates)
-    return new_params, new_states
-
-  step = jax.jit(step, out_shardings=out_shardings)
+  """10 steps of every registry entry at once (dicts by name), compiled once."""
+  step = jax.jit(registry.step_all(TRANSFORMS, functools.partial(
+      loss_fn, batch_spec=batch_spec, gather=gather)), out_shardings=out_shardings)
   for x, y in batches:
     params, states = step(params, states, *map(put_batch, (x, y)))
   assert step._cache_size() == 1, "a later step recompiled"  # pylint: disable=protected-access
@@ -95,22 +85,6 @@ def train(params, states, put_batch, batch_spec=None, gather=False, out_sharding
 def init_all(params, out_shardings=None):
   return jax.jit(lambda p: {name: tx.init(p) for name, tx in TRANSFORMS.items()},
                  out_shardings=out_shardings)(params)
-
-
-def check_close(name, got, expected):
-  """1e-6 relative, plus 2e-6 of each array's scale for elements near zero.
-
-  A split batch (or a split contraction) sums in another order, and ten steps accumulate
-  that rounding: plain `optax.adam(1e-2)` alone ends 2.7e-7 (data parallel) and 3.5e-7
-  (FSDP) of the parameters' scale away from its single-device run (measured here).
-  """
-  got_leaves = jax.tree_util.tree_flatten_with_path(got)[0]
-  assert len(got_leaves) == len(jax.tree.leaves(expected)), name
-  for (path, a), b in zip(got_leaves, jax.tree.leaves(expected)):
-    b = np.asarray(b, np.float64)
-    scale = float(np.max(np.abs(b))) if b.size else 0.0
-    np.testing.assert_allclose(np.asarray(a, np.float64), b, rtol=1e-6, atol=2e-6 * scale,
-                               err_msg=f"{name}: {jax.tree_util.keystr(path)}")
 
 
 def check_state_shardings(name, tx, state, params, explicit, tensor_parallel):
@@ -178,7 +152,8 @@ for layout in MODES:
                 batch_spec if EXPLICIT else None, gather and EXPLICIT, out_shardings)
     for name, tx in TRANSFORMS.items():
       label = f"{name} ({AXIS_TYPE.name}, {layout})"
-      check_close(label, (got[0][name], got[1][name]), (expected[0][name], expected[1][name]))
+      registry.assert_close_to_single_device(label, (got[0][name], got[1][name]),
+                                             (expected[0][name], expected[1][name]))
       check_state_shardings(label, tx, got[1][name], got[0][name], EXPLICIT,
                             tensor_parallel and EXPLICIT)
   print(f"{AXIS_TYPE.name} mesh, {layout}: every entry == single device over 10 steps",
