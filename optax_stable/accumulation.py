@@ -145,17 +145,10 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
       mean = jax.tree.map(lambda total, g: (added(total, g) / finite_count).astype(g.dtype),
                           state.accumulator, updates)
       kwargs = extra_args if value is None else {**extra_args, "value": value_sum / finite_count}
-      new_updates, new_state = inner.update(mean, inner_state, params, **kwargs)
-      return new_updates, _tree.cast_like(new_state, inner_state)
+      return inner.update(mean, inner_state, params, **kwargs)
 
-    # Both branches of the cond return one type: zeros built from the real gradients (shapes
-    # and sharding) in the inner update's dtypes, and the inner state cast back to its own.
-    dtypes = jax.eval_shape(real_step, state.inner_state)[0]
-
-    def no_step(inner_state):
-      return jax.tree.map(lambda g, d: jnp.zeros_like(g, d.dtype), updates, dtypes), inner_state
-
-    new_updates, inner_state = jax.lax.cond(step_now, real_step, no_step, state.inner_state)
+    new_updates, inner_state = _tree.update_or_keep(step_now, real_step, updates,
+                                                    state.inner_state)
     accumulator = jax.tree.map(
         lambda total, g: jnp.where(final, jnp.zeros_like(total), added(total, g)),
         state.accumulator, updates)

@@ -11,28 +11,6 @@ from optax_stable import _validation
 from optax_stable import scopes
 
 
-def _update_unless(skip: jax.Array, inner: optax.GradientTransformationExtraArgs, updates: Any,
-                   inner_state: Any, params: Any, extra_args: dict[str, Any]) -> tuple[Any, Any]:
-  """`inner.update`, or zeros and the untouched state when `skip`: the guards' shared step.
-
-  A `lax.cond`, not a `where` over both results: XLA CPU compiles a tree-wide select behind a
-  predicate that depends on every leaf in time superlinear in the number of leaves (minutes
-  at 1,000 leaves), and the conditional also skips the inner work on a skipped step. Both
-  branches return one type: the new inner state is cast to the old one's (`_tree.cast_like`),
-  and the zero updates are built from the real gradients (an inner update has their shapes
-  and sharding), in the dtypes the inner update has.
-  """
-  def run():
-    new_updates, new_state = inner.update(updates, inner_state, params, **extra_args)
-    return new_updates, _tree.cast_like(new_state, inner_state)
-
-  def skipped():
-    dtypes = jax.eval_shape(run)[0]
-    return jax.tree.map(lambda u, d: jnp.zeros_like(u, d.dtype), updates, dtypes), inner_state
-
-  return jax.lax.cond(skip, skipped, run)
-
-
 class SkipNonfiniteState(NamedTuple):
   """State of `skip_nonfinite`: the inner state and what the guard did.
 
@@ -103,8 +81,9 @@ def skip_nonfinite(
     skip = nonfinite
     if max_consecutive is not None:
       skip = skip & (state.consecutive_skips < max_consecutive)
-    new_updates, inner_state = _update_unless(skip, inner, updates, state.inner_state, params,
-                                              extra_args)
+    new_updates, inner_state = _tree.update_or_keep(
+        ~skip, lambda inner_state: inner.update(updates, inner_state, params, **extra_args),
+        updates, state.inner_state)
     skipped = skip.astype(jnp.int32)
     return new_updates, SkipNonfiniteState(
         inner_state=inner_state,
@@ -256,8 +235,9 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
                         state.var)
     var_weight = jnp.where(grows_var, alpha * state.var_weight + (1 - alpha), state.var_weight)
 
-    new_updates, inner_state = _update_unless(skip, inner, updates, state.inner_state, params,
-                                              extra_args)
+    new_updates, inner_state = _tree.update_or_keep(
+        ~skip, lambda inner_state: inner.update(updates, inner_state, params, **extra_args),
+        updates, state.inner_state)
     spike_skip = (skip & spike).astype(jnp.int32)
     return new_updates, SkipSpikesState(
         inner_state=inner_state,
