@@ -128,7 +128,7 @@ def pairs() -> list[Pair]:
            "optax.add_decayed_weights", lambda: optax.add_decayed_weights(WD)),
       Pair("chain(adam, lr, ostab.decoupled_weight_decay)",
            lambda: optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(LR),
-                               ostab.decoupled_weight_decay(WD, LR)),
+                               ostab.decoupled_weight_decay(WD, learning_rate=LR)),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
       Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),

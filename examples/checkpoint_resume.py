@@ -44,7 +44,7 @@ def main():
   rng = np.random.default_rng(0)
   xs = rng.normal(size=(args.steps, 16, 4)).astype(np.float32)
   ys = np.sin(xs.sum(-1, keepdims=True)).astype(np.float32)
-  tx = ostab.recipes.robust_adamw(1e-2, accumulate_every=3)
+  tx = ostab.recipes.robust_adamw(1e-2, every_k=3)
 
   @jax.jit
   def step(params, opt_state, x, y):

@@ -29,6 +29,9 @@ from optax_stable.integration import apply_gradients
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
+from optax_stable.scopes import GroupInfo
+from optax_stable.scopes import GroupLayout
+from optax_stable.scopes import describe_groups
 from optax_stable.spam import PeriodicResetState
 from optax_stable.spam import ScaleByAdamMomentsState
 from optax_stable.spam import SpikeClipState
@@ -42,7 +45,7 @@ from optax_stable.weight_decay import add_l2_penalty
 from optax_stable.weight_decay import decoupled_weight_decay
 from optax_stable.weight_decay import default_decay_mask
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AccumulateState",
@@ -54,6 +57,8 @@ __all__ = [
     "ClipByNormState",
     "ClipState",
     "DecoupledWeightDecayState",
+    "GroupInfo",
+    "GroupLayout",
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
     "SkipNonfiniteState",
@@ -73,6 +78,7 @@ __all__ = [
     "clip_by_norm",
     "decoupled_weight_decay",
     "default_decay_mask",
+    "describe_groups",
     "microbatch",
     "path_mask",
     "path_str",

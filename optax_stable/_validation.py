@@ -5,9 +5,11 @@ called by `optax.inject_hyperparams` inside `jit`). Only concrete values can be 
 ones were checked when they were concrete, or are the user's responsibility.
 """
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -61,3 +63,40 @@ def check_static_int(name: str, value: Any, minimum: int, allow_none: bool = Fal
     hint = (" (with `optax.inject_hyperparams`, list it in `static_args`)"
             if isinstance(value, (jax.Array, np.ndarray)) else "")
     raise ValueError(f"`{name}` must be {allowed}, got {value!r}{hint}.")
+
+
+def check_transform(name: str, value: Any) -> None:
+  """Raises a `TypeError` unless `value` is a gradient transformation (has init and update)."""
+  if callable(getattr(value, "init", None)) and callable(getattr(value, "update", None)):
+    return
+  hint = ""
+  if callable(value):
+    factory = getattr(value, "__name__", "the factory")
+    hint = f" `{factory}` is a function: call it, e.g. `{factory}(learning_rate)`."
+  raise TypeError(f"`{name}` must be an optax GradientTransformation (with `init` and "
+                  f"`update`), got {type(value).__name__}.{hint}")
+
+
+def scalar_value(name: str, value: Any) -> jax.Array:
+  """`value` as a float32 scalar; a `ValueError` if it is not a scalar (checked at trace time)."""
+  array = jnp.asarray(value, jnp.float32)
+  if array.shape != ():
+    raise ValueError(f"`{name}=` must be a scalar (the batch's mean loss), got shape "
+                     f"{array.shape}; reduce it first, e.g. `{name}=loss.mean()`.")
+  return array
+
+
+def checked_schedule(name: str, schedule: Callable[[Any], Any]) -> Callable[[Any], jax.Array]:
+  """Wraps `schedule` so that a non-numeric or non-scalar result raises when first traced."""
+
+  def checked(count):
+    value = jnp.asarray(schedule(count))
+    if value.shape != () or not (jnp.issubdtype(value.dtype, jnp.integer)
+                                 or jnp.issubdtype(value.dtype, jnp.floating)):
+      raise TypeError(
+          f"`{name}` is called as a schedule `step -> number`, but returned "
+          f"{value.dtype}{list(value.shape)}. Pass a number or a schedule (a function of the "
+          "step count); masks and other options are keyword arguments.")
+    return value
+
+  return checked

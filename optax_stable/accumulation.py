@@ -66,6 +66,7 @@ class AccumulateTransformation(optax.GradientTransformationExtraArgs):
 
 def _check_every_k(every_k: int | Schedule) -> Schedule:
   if callable(every_k):
+    every_k = _validation.checked_schedule("every_k", every_k)
     first = _validation.concrete_value(every_k(jnp.zeros((), jnp.int32)))
     if first is not None and first < 1:
       raise ValueError(f"`every_k` must return values >= 1; it returned {first} at step 0.")
@@ -74,7 +75,7 @@ def _check_every_k(every_k: int | Schedule) -> Schedule:
   return lambda step: every_k
 
 
-def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
+def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule, *,
                accumulator_dtype: Any = jnp.float32, skip_nonfinite: bool = True,
                axis_name: Any = None) -> AccumulateTransformation:
   """Feeds `inner` the mean of every `every_k` micro-batch gradients: one real step per k calls.
@@ -108,6 +109,7 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
     >>> tx = ostab.accumulate(optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)), 4)
     >>> updates, state = tx.update(micro_grads, state, params, value=micro_loss)
   """
+  _validation.check_transform("inner", inner)
   k_of_step = _check_every_k(every_k)
   inner = optax.with_extra_args_support(inner)
 
@@ -127,6 +129,8 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
   def update_fn(updates, state, params=None, **extra_args):
     _tree.check_matches(state.accumulator, updates, "gradients")
     value = extra_args.pop("value", None)
+    if value is not None:
+      value = _validation.scalar_value("value", value)
     finite = jnp.array(True)
     if skip_nonfinite:
       finite = _tree.all_finite(updates if value is None else (updates, value), axis_name)
@@ -135,7 +139,7 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule,
     finite_count = state.finite_count + finite.astype(jnp.int32)
     value_sum = state.value_sum
     if value is not None:
-      value_sum = value_sum + jnp.where(finite, jnp.asarray(value, jnp.float32), 0.0)
+      value_sum = value_sum + jnp.where(finite, value, 0.0)
     step_now = final & (finite_count > 0)
 
     def added(total, g):

@@ -78,9 +78,11 @@ class AdaptiveGradClipState(ClipState):
   telemetry_name = "adaptive_grad_clip"
 
 
-def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
-          state_type: type[ClipState]) -> optax.GradientTransformation:
+def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: scopes.Scope,
+          stacked: scopes.Stacked, exclude: paths.Regexes,
+          axis_name: scopes.AxisName) -> optax.GradientTransformation:
   """Builds the clipping transform shared by `clip` and every preset."""
+  grouping = scopes.Grouping(scope, stacked=stacked, exclude=exclude, axis_name=axis_name)
   # A policy that keeps per-group state gets norms as one vector, so its state's structure
   # does not depend on the number of groups (`optax.tree_map_params` initialises the state
   # from an empty tree); stateless policies get per-group arrays, which compile fastest.
@@ -144,7 +146,7 @@ def _clip(policy: policies.ThresholdPolicy, grouping: scopes.Grouping,
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
+def clip(policy: policies.ThresholdPolicy, *, scope: scopes.Scope = "global",
          stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
          axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Clips every group of the gradient to the threshold a policy gives it.
@@ -169,10 +171,15 @@ def clip(policy: policies.ThresholdPolicy, scope: scopes.Scope = "global",
   Example:
     >>> tx = optax.chain(ostab.clip(ostab.policies.fixed(1.0), scope="leaf"), optax.adam(1e-3))
   """
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude, axis_name), ClipState)
+  if not isinstance(policy, policies.ThresholdPolicy):
+    raise TypeError(
+        f"`policy` must be a ThresholdPolicy, e.g. `ostab.policies.fixed(1.0)`; got "
+        f"{type(policy).__name__} {policy!r}. For a fixed threshold use "
+        "`ostab.clip_by_norm(max_norm, scope=...)`.")
+  return _clip(policy, ClipState, scope, stacked, exclude, axis_name)
 
 
-def clip_by_global_norm(max_norm: float | jax.Array,
+def clip_by_global_norm(max_norm: float | jax.Array, *,
                         axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Clips the whole gradient to global L2 norm at most `max_norm`, with the norm in float32.
 
@@ -196,11 +203,10 @@ def clip_by_global_norm(max_norm: float | jax.Array,
   Example:
     >>> tx = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3))
   """
-  return _clip(policies.fixed(max_norm), scopes.Grouping("global", axis_name=axis_name),
-               ClipByGlobalNormState)
+  return _clip(policies.fixed(max_norm), ClipByGlobalNormState, "global", None, None, axis_name)
 
 
-def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
+def clip_by_norm(max_norm: float | jax.Array, *, scope: scopes.Scope = "layer",
                  stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
                  axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Scales each group of the gradient so that its L2 norm is at most `max_norm`.
@@ -226,13 +232,12 @@ def clip_by_norm(max_norm: float | jax.Array, scope: scopes.Scope = "layer",
   Example:
     >>> tx = optax.chain(ostab.clip_by_norm(1.0, scope="layer"), optax.adam(1e-3))
   """
-  return _clip(policies.fixed(max_norm), scopes.Grouping(scope, stacked, exclude, axis_name),
-               ClipByNormState)
+  return _clip(policies.fixed(max_norm), ClipByNormState, scope, stacked, exclude, axis_name)
 
 
-def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Array = 1e-3,
-                       scope: scopes.Scope = "unit", exclude: paths.Regexes = None,
-                       stacked: scopes.Stacked = None,
+def adaptive_grad_clip(clipping: float | jax.Array = 0.01, *, eps: float | jax.Array = 1e-3,
+                       scope: scopes.Scope = "unit", stacked: scopes.Stacked = None,
+                       exclude: paths.Regexes = None,
                        axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
   """Adaptive gradient clipping (AGC): each group's norm at most `clipping` x its params' norm.
 
@@ -248,9 +253,9 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Arra
     clipping: largest allowed ratio of gradient norm to parameter norm; must be positive.
     eps: floor on the parameter norm so zero-initialised parameters can move; >= 0.
     scope: where norms are measured (default `"unit"`, as in the paper).
+    stacked: leaves of scanned layer stacks (see `clip`).
     exclude: a regex or regexes over parameter paths left unclipped; NFNets exclude the final
       classifier, e.g. `exclude=r"^head/"`.
-    stacked: leaves of scanned layer stacks (see `clip`).
     axis_name: inside `shard_map`/`pmap`, the axis every leaf is split over: group norms
       (of gradients and parameters) are all-reduced across it (see `scopes.Grouping`).
 
@@ -264,8 +269,8 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, eps: float | jax.Arra
   Example:
     >>> tx = optax.chain(ostab.adaptive_grad_clip(0.01, exclude=r"Dense_2/"), optax.sgd(0.1))
   """
-  return _clip(policies.relative_to_params(clipping, eps),
-               scopes.Grouping(scope, stacked, exclude, axis_name), AdaptiveGradClipState)
+  return _clip(policies.relative_to_params(clipping, eps=eps),
+               AdaptiveGradClipState, scope, stacked, exclude, axis_name)
 
 
 class AutoClipState(ClipState):
@@ -283,7 +288,7 @@ class AdaGCClipState(ClipState):
   telemetry_name = "adagc"
 
 
-def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
+def autoclip(quantile: float | jax.Array = 0.9, *, history_length: int = 1000,
              scope: scopes.Scope = "global", stacked: scopes.Stacked = None,
              exclude: paths.Regexes = None,
              axis_name: scopes.AxisName = None) -> optax.GradientTransformation:
@@ -316,11 +321,11 @@ def autoclip(quantile: float | jax.Array = 0.9, history_length: int = 1000,
   Example:
     >>> tx = optax.chain(ostab.autoclip(0.9, scope="leaf"), optax.adam(1e-3))
   """
-  return _clip(policies.quantile(quantile, history_length),
-               scopes.Grouping(scope, stacked, exclude, axis_name), AutoClipState)
+  return _clip(policies.quantile(quantile, history_length=history_length),
+               AutoClipState, scope, stacked, exclude, axis_name)
 
 
-def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
+def zclip(*, decay: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
           max_norm: float | jax.Array | None = 1.0, eps: float | jax.Array = 1e-6,
           warmup_steps: int = 25, mode: str = "zscore", clip_option: str = "adaptive_scaling",
           clip_factor: float | jax.Array = 1.0, skip_update_on_spike: bool = False,
@@ -339,12 +344,13 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   diverged on 3 of 3 seeds, with it it trained).
 
   Args:
-    alpha: EMA smoothing factor; in (0, 1).
+    decay: EMA decay of the norm statistics (the reference's `alpha`); in (0, 1).
     z_thresh: z-score above which a norm is a spike; > 0.
     max_norm: absolute cap on the threshold (> 0), or None.
     eps: added to the standard deviation in the z-score; >= 0.
-    warmup_steps: norms collected before the EMA starts; a Python int >= 0 (static: pass it
-      in `static_args` of `optax.inject_hyperparams`).
+    warmup_steps: how many finite steps only collect norms (clipped by the `max_norm` cap
+      alone) before the EMA starts; a Python int >= 0 (static: pass it in `static_args` of
+      `optax.inject_hyperparams`).
     mode: `"zscore"` or `"percentile"`.
     clip_option: `"adaptive_scaling"` or `"mean"` (mode `"zscore"` only).
     clip_factor: multiplies the adaptive-scaling threshold; > 0.
@@ -365,12 +371,13 @@ def zclip(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   Example:
     >>> tx = optax.chain(ostab.zclip(z_thresh=2.5), optax.adamw(3e-4))
   """
-  policy = policies.zscore(alpha, z_thresh, max_norm, eps, warmup_steps, mode, clip_option,
-                           clip_factor, skip_update_on_spike)
-  return _clip(policy, scopes.Grouping(scope, stacked, exclude, axis_name), ZClipState)
+  policy = policies.zscore(decay=decay, z_thresh=z_thresh, max_norm=max_norm, eps=eps,
+                           warmup_steps=warmup_steps, mode=mode, clip_option=clip_option,
+                           clip_factor=clip_factor, skip_update_on_spike=skip_update_on_spike)
+  return _clip(policy, ZClipState, scope, stacked, exclude, axis_name)
 
 
-def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
+def adagc(*, decay: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
           lambda_rel: float | jax.Array = 1.05, warmup_steps: int = 100,
           eps: float | jax.Array = 1e-8, scope: scopes.Scope = "leaf",
           stacked: scopes.Stacked = None, exclude: paths.Regexes = None,
@@ -383,10 +390,11 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   The clipping of `pytorch_optimizer.AdaGC`; `recipes.adagc` is the whole optimizer.
 
   Args:
-    beta: EMA smoothing factor of gamma; in (0, 1).
+    decay: EMA decay of gamma (the reference's `beta`); in (0, 1).
     lambda_abs: global norm cap during warm-up; > 0.
     lambda_rel: allowed ratio of a group's norm to its gamma; > 0.
-    warmup_steps: steps of global clipping; >= 0.
+    warmup_steps: the steps (1-based) `step < warmup_steps`, and always step 1, clip globally
+      to `lambda_abs`; >= 0.
     eps: floor on gamma and norms; >= 0.
     scope: where norms are measured (default `"leaf"`: per tensor).
     stacked: leaves of scanned layer stacks (see `clip`).
@@ -404,5 +412,6 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   Example:
     >>> tx = optax.chain(ostab.adagc(), optax.adam(1e-3))
   """
-  return _clip(policies.adagc(beta, lambda_abs, lambda_rel, warmup_steps, eps),
-               scopes.Grouping(scope, stacked, exclude, axis_name), AdaGCClipState)
+  return _clip(policies.adagc(decay=decay, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
+                              warmup_steps=warmup_steps, eps=eps),
+               AdaGCClipState, scope, stacked, exclude, axis_name)

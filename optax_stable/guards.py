@@ -36,7 +36,7 @@ class SkipNonfiniteState(NamedTuple):
 
 
 def skip_nonfinite(
-    inner: optax.GradientTransformation, max_consecutive: int | None = None,
+    inner: optax.GradientTransformation, *, max_consecutive: int | None = None,
     axis_name: scopes.AxisName = None) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that a step with a NaN/Inf gradient changes nothing at all.
 
@@ -67,6 +67,7 @@ def skip_nonfinite(
   Example:
     >>> tx = ostab.skip_nonfinite(optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)))
   """
+  _validation.check_transform("inner", inner)
   _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
   inner = optax.with_extra_args_support(inner)
 
@@ -103,7 +104,7 @@ class SkipSpikesState(NamedTuple):
     inner_state: the wrapped transform's state, unchanged by skipped steps.
     count: finite observations that entered the statistics.
     mean: EMA of the watched scalar (divide by `mean_weight` for the bias-corrected mean).
-    mean_weight: total weight in `mean`, `1 - alpha**count`.
+    mean_weight: total weight in `mean`, `1 - decay**count`.
     var: EMA of its squared deviation from the (corrected) mean.
     var_weight: total weight in `var` (it starts with the second observation).
     z_score: the last step's z-score (0 during warm-up or for a non-finite value).
@@ -143,8 +144,8 @@ def _debiased(state: SkipSpikesState) -> tuple[jax.Array, jax.Array]:
   return mean, jnp.sqrt(var)
 
 
-def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array = 6.0,
-                alpha: float | jax.Array = 0.99, warmup_steps: int | jax.Array = 50,
+def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Array = 6.0,
+                decay: float | jax.Array = 0.99, warmup_steps: int | jax.Array = 50,
                 metric: str = "value", max_consecutive: int | None = 10,
                 axis_name: scopes.AxisName = None) -> optax.GradientTransformationExtraArgs:
   """Wraps `inner` so that a step whose loss (or gradient norm) spikes is skipped entirely.
@@ -168,8 +169,9 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
   Args:
     inner: the transform to guard, typically the whole optimizer chain.
     z_thresh: z-score above which a step is a spike; > 0.
-    alpha: EMA decay of the statistics; in (0, 1).
-    warmup_steps: observations before spikes are detected; >= 0 (at least 2 are always used).
+    decay: EMA decay of the statistics; in (0, 1).
+    warmup_steps: how many finite observations enter the statistics before spikes are
+      detected (at least 2 are always used); >= 0.
     metric: `"value"` (the loss, passed as `value=`) or `"grad_norm"`.
     max_consecutive: skips in a row after which a spike is let through (a Python int >= 1),
       or None to always skip.
@@ -189,8 +191,9 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     >>> tx = ostab.skip_spikes(optax.adamw(3e-4), z_thresh=6.0)
     >>> updates, state = tx.update(grads, state, params, value=loss)
   """
+  _validation.check_transform("inner", inner)
   _validation.check_positive("z_thresh", z_thresh)
-  _validation.check_interval("alpha", alpha, 0.0, 1.0, False, False)
+  _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_non_negative("warmup_steps", warmup_steps)
   if metric not in METRICS:
     raise ValueError(f"`metric` must be one of {METRICS}, got {metric!r}.")
@@ -212,7 +215,7 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
       if "value" not in extra_args:
         raise ValueError("`skip_spikes(metric='value')` needs the loss: call "
                          "`update(grads, state, params, value=loss)`.")
-      watched = jnp.asarray(extra_args["value"], jnp.float32)
+      watched = _validation.scalar_value("value", extra_args["value"])
     else:
       watched = global_scope.partition(updates).norms(updates)[0]
     finite = jnp.isfinite(watched)
@@ -226,14 +229,14 @@ def skip_spikes(inner: optax.GradientTransformation, z_thresh: float | jax.Array
     level_shift = spike & ~skip
     absorb = finite & ~skip
 
-    mean_weight = alpha * state.mean_weight + (1 - alpha)
+    mean_weight = decay * state.mean_weight + (1 - decay)
     # A level shift restarts the mean at the new level and keeps the spread.
     new_mean = jnp.where(level_shift, watched * mean_weight,
-                         alpha * state.mean + (1 - alpha) * watched)
+                         decay * state.mean + (1 - decay) * watched)
     grows_var = (state.count > 0) & ~level_shift
-    new_var = jnp.where(grows_var, alpha * state.var + (1 - alpha) * jnp.square(watched - mean),
+    new_var = jnp.where(grows_var, decay * state.var + (1 - decay) * jnp.square(watched - mean),
                         state.var)
-    var_weight = jnp.where(grows_var, alpha * state.var_weight + (1 - alpha), state.var_weight)
+    var_weight = jnp.where(grows_var, decay * state.var_weight + (1 - decay), state.var_weight)
 
     new_updates, inner_state = _tree.update_or_keep(
         ~skip, lambda inner_state: inner.update(updates, inner_state, params, **extra_args),

@@ -75,15 +75,32 @@ def matches_any(path: str, regexes: tuple[re.Pattern, ...]) -> bool:
   return any(regex.search(path) for regex in regexes)
 
 
+def check_patterns_match(name: str, regexes: Sequence[re.Pattern],
+                         leaf_paths: Sequence[str]) -> None:
+  """Raises if a regex of argument `name` is found in none of `leaf_paths`.
+
+  A pattern that matches nothing is a typo or a renamed module (`stacked=r"^layers/"` on a
+  model whose stack is `blocks`), and silently changes what a transform does.
+  """
+  for regex in regexes:
+    if not any(regex.search(path) for path in leaf_paths):
+      shown = ", ".join(repr(path) for path in leaf_paths[:6])
+      more = f", ... ({len(leaf_paths)} leaves)" if len(leaf_paths) > 6 else ""
+      raise ValueError(
+          f"`{name}` pattern {regex.pattern!r} matches no leaf path of the tree; its paths are "
+          f"{shown}{more}. Fix the pattern (`ostab.describe_groups` shows what a scope sees).")
+
+
 def path_mask(
-    include: Regexes = None, exclude: Regexes = None
+    include: Regexes = None, *, exclude: Regexes = None
 ) -> Callable[[Any], Any]:
   """Builds a mask function `params -> bool tree` from regexes over leaf paths.
 
   A leaf is `True` when its path matches any `include` regex (every leaf, if `include` is None)
   and no `exclude` regex. Regexes are applied with `re.search` to `path_str` of the leaf, so
   `"bias$"` selects every bias and `"^encoder/"` everything under the encoder. The result can be
-  passed wherever Optax takes a mask (`optax.masked`, `optax.adamw(mask=...)`).
+  passed wherever Optax takes a mask (`optax.masked`, `optax.adamw(mask=...)`). A regex that
+  matches no leaf of a tree with leaves raises a `ValueError` when the mask is built for it.
 
   Args:
     include: a regex or a sequence of regexes selecting leaves; None selects all.
@@ -100,6 +117,12 @@ def path_mask(
   exclude_res = compile_regexes("exclude", exclude)
 
   def mask_fn(params: Any) -> Any:
+    # Only trees of arrays are checked: `optax.tree_map_params` builds states from a placeholder.
+    leaf_paths = [path for path, leaf in leaves_with_paths(params)[0] if hasattr(leaf, "shape")]
+    if leaf_paths:
+      check_patterns_match("include", include_res, leaf_paths)
+      check_patterns_match("exclude", exclude_res, leaf_paths)
+
     def leaf_mask(key_path, _):
       path = path_str(key_path)
       included = not include_res or matches_any(path, include_res)

@@ -71,7 +71,7 @@ def fixed(max_norm: float | jax.Array) -> ThresholdPolicy:
   return ThresholdPolicy(_stateless, threshold)
 
 
-def relative_to_params(clipping: float | jax.Array,
+def relative_to_params(clipping: float | jax.Array, *,
                        eps: float | jax.Array = 1e-3) -> ThresholdPolicy:
   """Threshold `clipping * max(param_norm, eps)` per group: adaptive gradient clipping.
 
@@ -136,7 +136,8 @@ def _replace_sorted(ordered: jax.Array, evicted: jax.Array, value: jax.Array) ->
   return jnp.where(rows < slot, ordered, jnp.where(rows == slot, value, shifted_down))
 
 
-def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> ThresholdPolicy:
+def quantile(quantile: float | jax.Array = 0.9, *,
+             history_length: int = 1000) -> ThresholdPolicy:
   """Threshold = a quantile of each group's recent pre-clip norms (AutoClip).
 
   The threshold of a group is the `quantile` (linear interpolation, as `torch.quantile`) of its
@@ -158,7 +159,7 @@ def quantile(quantile: float | jax.Array = 0.9, history_length: int = 1000) -> T
     package (`autoclip.torch.QuantileClip`).
 
   Example:
-    >>> tx = ostab.clip(ostab.policies.quantile(0.9, 1000), scope="leaf")
+    >>> tx = ostab.clip(ostab.policies.quantile(0.9, history_length=1000), scope="leaf")
   """
   _validation.check_interval("quantile", quantile, 0.0, 1.0, True, True)
   _validation.check_static_int("history_length", history_length, 1)
@@ -222,7 +223,7 @@ class ZScoreState(NamedTuple):
             "spike_fraction": jnp.mean(spikes) if spikes.size else jnp.zeros(())}
 
 
-def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
+def zscore(*, decay: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
            max_norm: float | jax.Array | None = 1.0, eps: float | jax.Array = 1e-6,
            warmup_steps: int = 25, mode: str = "zscore",
            clip_option: str = "adaptive_scaling", clip_factor: float | jax.Array = 1.0,
@@ -238,7 +239,7 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
       `mean` (`clip_option="mean"`);
     * mode `"percentile"`: a norm above `mean + z_thresh * std` is clipped to that value.
   The EMA then absorbs the clipped value of a spike (or the norm itself): first
-  `mean = alpha * mean + (1 - alpha) * x`, then `var = alpha * var + (1 - alpha) * (x - mean)**2`
+  `mean = decay * mean + (1 - decay) * x`, then `var = decay * var + (1 - decay) * (x - mean)**2`
   with the new mean, as the reference does; with `skip_update_on_spike`, spikes leave the EMA
   alone. Finally every threshold is capped at `max_norm`.
 
@@ -248,11 +249,12 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   the cap on 3 of 3 seeds and trained with it).
 
   Args:
-    alpha: EMA smoothing factor; in (0, 1).
+    decay: EMA decay of the norm statistics (the reference's `alpha`); in (0, 1).
     z_thresh: z-score above which a norm is a spike; > 0.
     max_norm: absolute cap on every threshold (> 0), or None for no cap.
     eps: added to the standard deviation in the z-score; >= 0.
-    warmup_steps: norms collected before the EMA starts; an int >= 0 (0 behaves as 1).
+    warmup_steps: how many finite steps only collect norms (clipped by the `max_norm` cap
+      alone) before the EMA starts from their statistics; a Python int >= 0 (0 behaves as 1).
     mode: `"zscore"` or `"percentile"`.
     clip_option: for mode `"zscore"`, `"adaptive_scaling"` or `"mean"`.
     clip_factor: multiplies the adaptive-scaling threshold; > 0.
@@ -264,12 +266,12 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
   References:
     Kumar et al., ZClip: Adaptive Spike Mitigation for LLM Pre-Training, 2025
     (https://arxiv.org/abs/2504.02507); reference implementation: the `zclip` package
-    (`zclip.ZClip`, whose `max_grad_norm` is our `max_norm`).
+    (`zclip.ZClip`, whose `alpha` is our `decay` and `max_grad_norm` our `max_norm`).
 
   Example:
     >>> tx = ostab.clip(ostab.policies.zscore(z_thresh=2.5), scope="layer")
   """
-  _validation.check_interval("alpha", alpha, 0.0, 1.0, False, False)
+  _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_positive("z_thresh", z_thresh)
   if max_norm is not None:
     _validation.check_positive("max_norm", max_norm)
@@ -312,8 +314,8 @@ def zscore(alpha: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
         else:
           limit = ema_mean
       absorbed = jnp.where(spike, limit, n)
-      mean = alpha * ema_mean + (1 - alpha) * absorbed
-      var = alpha * ema_var + (1 - alpha) * jnp.square(absorbed - mean)
+      mean = decay * ema_mean + (1 - decay) * absorbed
+      var = decay * ema_var + (1 - decay) * jnp.square(absorbed - mean)
       if skip_update_on_spike:
         mean, var = jnp.where(spike, ema_mean, mean), jnp.where(spike, ema_var, var)
       thresholds = jnp.minimum(jnp.where(warming | ~spike, NO_LIMIT, limit), cap)
@@ -344,7 +346,7 @@ class AdaGCState(NamedTuple):
     return {"gamma": jnp.max(scopes.flat(self.gamma), initial=0.0), "policy_steps": self.count}
 
 
-def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
+def adagc(*, decay: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
           lambda_rel: float | jax.Array = 1.05, warmup_steps: int = 100,
           eps: float | jax.Array = 1e-8) -> ThresholdPolicy:
   """Threshold relative to an EMA of each group's past clipped norms (AdaGC).
@@ -353,13 +355,14 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   gradient is clipped globally to `lambda_abs` (factor `min(1, lambda_abs / (global_norm +
   eps))`) and each group's gamma becomes the minimum of its clipped norms so far. Afterwards each
   group is clipped to `lambda_rel * max(gamma, eps)` and gamma follows an EMA of the clipped
-  norms: `gamma += (1 - beta) * (clipped_norm - gamma)`.
+  norms: `gamma += (1 - decay) * (clipped_norm - gamma)`.
 
   Args:
-    beta: EMA smoothing factor of gamma; in (0, 1).
+    decay: EMA decay of gamma (the reference's `beta`); in (0, 1).
     lambda_abs: global norm cap during warm-up; > 0.
     lambda_rel: allowed ratio of a group's norm to its gamma after warm-up; > 0.
-    warmup_steps: steps of global clipping before the relative rule starts; >= 0.
+    warmup_steps: the steps (1-based) `step < warmup_steps`, and always step 1, clip globally
+      to `lambda_abs`; the relative rule starts at step `max(warmup_steps, 2)`; >= 0.
     eps: floor on gamma and on norms; >= 0.
 
   Returns:
@@ -373,7 +376,7 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
   Example:
     >>> tx = ostab.clip(ostab.policies.adagc(), scope="leaf")
   """
-  _validation.check_interval("beta", beta, 0.0, 1.0, False, False)
+  _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_positive("lambda_abs", lambda_abs)
   _validation.check_positive("lambda_rel", lambda_rel)
   _validation.check_non_negative("warmup_steps", warmup_steps)
@@ -396,7 +399,7 @@ def adagc(beta: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.0,
       clipped = jnp.where(warming, n * warm_factor,
                           n * jnp.minimum(relative / jnp.maximum(n, eps), 1.0))
       gamma = jnp.where(warming, jnp.where(step == 1, clipped, jnp.minimum(gamma, clipped)),
-                        gamma + (1 - beta) * (clipped - gamma))
+                        gamma + (1 - decay) * (clipped - gamma))
       return thresholds, gamma
 
     thresholds, gamma = scopes.map_groups(per_array, norms, state.gamma, outputs=2)

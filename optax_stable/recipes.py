@@ -27,8 +27,8 @@ def _check_adam(learning_rate: Any, b1: Any, b2: Any, eps: Any, weight_decay: An
     _validation.check_non_negative("weight_decay", weight_decay)
 
 
-def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-          beta: float = 0.98, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
+def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: float = 0.999,
+          decay: float = 0.98, lambda_abs: float = 1.0, lambda_rel: float = 1.05,
           warmup_steps: int = 100, weight_decay: float = 0.1,
           eps: float = 1e-8) -> optax.GradientTransformation:
   """AdaGC as a whole optimizer: per-tensor adaptive clipping, Adam, decoupled weight decay.
@@ -44,10 +44,11 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
     learning_rate: a float or an Optax schedule.
     b1: Adam's first-moment decay.
     b2: Adam's second-moment decay.
-    beta: EMA factor of AdaGC's reference norm gamma.
+    decay: EMA decay of AdaGC's reference norm gamma (the reference's `beta`).
     lambda_abs: global norm cap during warm-up.
     lambda_rel: allowed ratio of a tensor's norm to its gamma after warm-up.
-    warmup_steps: steps of global clipping.
+    warmup_steps: the steps (1-based) `step < warmup_steps`, and always step 1, clip globally
+      to `lambda_abs` (see `ostab.adagc`).
     weight_decay: decoupled weight decay coefficient.
     eps: Adam's epsilon and AdaGC's floor.
 
@@ -64,7 +65,7 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
   return optax.chain(
-      clipping.adagc(beta=beta, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
+      clipping.adagc(decay=decay, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
                      warmup_steps=warmup_steps, eps=eps, scope="leaf"),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.add_decayed_weights(weight_decay),
@@ -72,21 +73,21 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: flo
   )
 
 
-def _spam_step_scale(b1: float, b2: float, warmup_steps: int, update_proj_gap: int):
+def _spam_step_scale(b1: float, b2: float, reset_warmup_steps: int, reset_every_k: int):
   """SPAM's per-step factor: bias correction on the global step times the post-reset warm-up.
 
   Bias correction uses the global step k (never reset): `sqrt(1 - b2**k) / (1 - b1**k)`. The
-  warm-up restarts at every reset step r (k % update_proj_gap == 0) with
-  `1 - 0.99 * (1 + cos(pi * (c + 1) / (warmup_steps + 1))) / 2` for the c-th step after it,
-  c < warmup_steps (PyTorch's CosineAnnealingLR as the reference drives it); 1 otherwise,
+  warm-up restarts at every reset step r (k % reset_every_k == 0) with
+  `1 - 0.99 * (1 + cos(pi * (c + 1) / (reset_warmup_steps + 1))) / 2` for the c-th step after
+  it, c < reset_warmup_steps (PyTorch's CosineAnnealingLR as the reference drives it); 1 otherwise,
   including before the first reset.
   """
 
   def scale(count):
     step = count + 1
-    since_reset = jnp.where(step >= update_proj_gap, step % update_proj_gap, warmup_steps)
-    death_rate = 0.99 * (1 + jnp.cos(jnp.pi * (since_reset + 1) / (warmup_steps + 1))) / 2
-    warmup = jnp.where(since_reset < warmup_steps, 1.0 - death_rate, 1.0)
+    since_reset = jnp.where(step >= reset_every_k, step % reset_every_k, reset_warmup_steps)
+    death_rate = 0.99 * (1 + jnp.cos(jnp.pi * (since_reset + 1) / (reset_warmup_steps + 1))) / 2
+    warmup = jnp.where(since_reset < reset_warmup_steps, 1.0 - death_rate, 1.0)
     exponent = step.astype(jnp.result_type(float))  # float64 when x64 is enabled
     correction = jnp.sqrt(1 - b2**exponent) / (1 - b1**exponent)
     return correction * warmup
@@ -94,33 +95,36 @@ def _spam_step_scale(b1: float, b2: float, warmup_steps: int, update_proj_gap: i
   return scale
 
 
-def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: float = 0.999,
-         weight_decay: float = 0.0, warmup_steps: int = 50, threshold: float = 5000.0,
-         grad_accu_steps: int = 20, update_proj_gap: int = 500,
-         eps: float = 1e-6) -> optax.GradientTransformation:
+def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: float = 0.999,
+         eps: float = 1e-6, weight_decay: float = 0.0, threshold: float = 5000.0,
+         reset_every_k: int = 500, reset_warmup_steps: int = 50,
+         clip_warmup_steps: int = 20) -> optax.GradientTransformation:
   """SPAM: Adam with element-wise spike clipping, momentum resets and post-reset warm-up.
 
   ```
-  grads -> spike_clip (threshold x running mean square; paused grad_accu_steps after resets)
-        -> periodic_reset(scale_by_adam_moments, every=update_proj_gap)     m / (sqrt(v) + eps)
+  grads -> spike_clip (threshold x running mean square; paused clip_warmup_steps after resets)
+        -> periodic_reset(scale_by_adam_moments, reset_every_k)            m / (sqrt(v) + eps)
         -> x sqrt(1 - b2**k) / (1 - b1**k) x cosine warm-up after each reset (global step k)
         -> x -lr -> then params decay as p <- (p + update) * (1 - lr * weight_decay)
   ```
   Matches `pytorch_optimizer.SPAM(density=1.0)` step for step, including its choices: the
   bias correction counts global steps while the moments restart at zero (hence the warm-up),
   `eps` is added to the uncorrected `sqrt(v)`, and decay multiplies the already updated
-  parameters. Its `warmup_epoch` is our `warmup_steps`. `threshold=0` disables spike clipping.
+  parameters. The reference's names: `update_proj_gap` is our `reset_every_k`, `warmup_epoch`
+  our `reset_warmup_steps`, `grad_accu_steps` our `clip_warmup_steps`. `threshold=0` disables
+  spike clipping.
 
   Args:
     learning_rate: a float or an Optax schedule.
     b1: first-moment decay.
     b2: second-moment decay (also the spike detector's).
-    weight_decay: decoupled, multiplicative decay coefficient.
-    warmup_steps: length of the cosine warm-up after each momentum reset.
-    threshold: spike threshold on `g**2 / v`; 0 disables spike clipping.
-    grad_accu_steps: steps after the start and after each reset before spike clipping starts.
-    update_proj_gap: momentum reset period in steps.
     eps: added to `sqrt(v)`.
+    weight_decay: decoupled, multiplicative decay coefficient.
+    threshold: spike threshold on `g**2 / v`; 0 disables spike clipping.
+    reset_every_k: momentum reset period in steps.
+    reset_warmup_steps: length in steps of the cosine learning-rate warm-up after each reset.
+    clip_warmup_steps: spike clipping starts at this step (1-based) of the run and of each
+      reset cycle (`spike_clip`'s `warmup_steps`).
 
   Returns:
     An `optax.GradientTransformation`; `update` needs `params` when `weight_decay` is non-zero.
@@ -131,27 +135,29 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, b1: float = 0.9, b2: floa
     `pytorch_optimizer.SPAM`.
 
   Example:
-    >>> tx = ostab.recipes.spam(learning_rate=1e-3, update_proj_gap=500)
+    >>> tx = ostab.recipes.spam(1e-3, reset_every_k=500)
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
   _validation.check_non_negative("threshold", threshold)
-  _validation.check_static_int("warmup_steps", warmup_steps, 0)
-  _validation.check_static_int("grad_accu_steps", grad_accu_steps, 0)
-  _validation.check_static_int("update_proj_gap", update_proj_gap, 1)
+  _validation.check_static_int("reset_warmup_steps", reset_warmup_steps, 0)
+  _validation.check_static_int("clip_warmup_steps", clip_warmup_steps, 0)
+  _validation.check_static_int("reset_every_k", reset_every_k, 1)
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
   parts = []
   if threshold:
-    parts.append(spam_lib.spike_clip(threshold, b2, grad_accu_steps, reset_every=update_proj_gap))
+    parts.append(spam_lib.spike_clip(threshold, decay=b2, warmup_steps=clip_warmup_steps,
+                                     reset_every_k=reset_every_k))
   parts += [
-      spam_lib.periodic_reset(spam_lib.scale_by_adam_moments(b1, b2, eps), every=update_proj_gap),
-      optax.scale_by_schedule(_spam_step_scale(b1, b2, warmup_steps, update_proj_gap)),
+      spam_lib.periodic_reset(spam_lib.scale_by_adam_moments(b1=b1, b2=b2, eps=eps),
+                              reset_every_k),
+      optax.scale_by_schedule(_spam_step_scale(b1, b2, reset_warmup_steps, reset_every_k)),
       optax.scale_by_learning_rate(learning_rate),
   ]
   if weight_decay:
     # (p + u) * (1 - lr * wd) - p  ==  u * (1 - lr * wd) - lr * wd * p
     parts += [
         optax.scale_by_schedule(lambda count: 1 - schedule(count) * weight_decay),
-        weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate),
+        weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate=learning_rate),
     ]
   return optax.chain(*parts)
 
@@ -181,25 +187,25 @@ def _clipping_transform(clip: str | optax.GradientTransformation | None,
   return factory(**{**defaults, **(clip_kwargs or {})})
 
 
-def robust_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: float = 0.999,
+def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: float = 0.999,
                  eps: float = 1e-8, weight_decay: optax.ScalarOrSchedule = 1e-4,
+                 mask: weight_decay_lib.Mask = weight_decay_lib.default_decay_mask,
                  clip: str | optax.GradientTransformation | None = "zclip",
-                 accumulate_every: int = 1, skip_nonfinite: bool = True,
-                 decay_mask: weight_decay_lib.Mask = weight_decay_lib.default_decay_mask,
-                 clip_kwargs: dict[str, Any] | None = None
+                 clip_kwargs: dict[str, Any] | None = None, every_k: int = 1,
+                 skip_nonfinite: bool = True
                  ) -> optax.GradientTransformationExtraArgs:
   """AdamW behind the library's guards: the recommended chain for stable training, in one call.
 
   ```
   micro-batch grads
-    -> accumulate(every_k=accumulate_every)     mean of k micro-batches, NaN ones dropped
+    -> accumulate(every_k)                      mean of k micro-batches, NaN ones dropped
       -> skip_nonfinite                         NaN/Inf step: zero update, no state change
         -> clip (default zclip)                 adaptive threshold, capped at max_norm=1.0
         -> scale_by_adam(b1, b2, eps)
         -> scale_by_learning_rate(learning_rate)
-        -> decoupled_weight_decay(weight_decay, learning_rate, mask=decay_mask)
+        -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
   ```
-  (`accumulate` only when `accumulate_every > 1`, `skip_nonfinite` only when asked.) The
+  (`accumulate` only when `every_k > 1`, `skip_nonfinite` only when asked.) The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
   decay is AdamW's, proportional to the learning rate, masked off biases and norm scales. The
   default clipping keeps zclip's absolute cap (`max_norm=1.0`) besides its adaptive threshold:
@@ -212,13 +218,13 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: flo
     b2: Adam's second-moment decay.
     eps: Adam's epsilon.
     weight_decay: AdamW decay coefficient (float or schedule); 0 for none.
+    mask: which parameters decay: a bool tree or `params -> bool tree` (as `optax.adamw`).
     clip: a clipping name (`"zclip"`, `"autoclip"`, `"adagc"`, `"adaptive_grad_clip"`,
       `"clip_by_global_norm"`, `"clip_by_norm"`, `"spike_clip"`), any transform, or None.
-    accumulate_every: micro-batches per real step (>= 1).
-    skip_nonfinite: guard the chain with `skip_nonfinite`.
-    decay_mask: which parameters decay: a bool tree or `params -> bool tree`.
     clip_kwargs: keyword arguments for the named clipping transform, e.g.
       `{"z_thresh": 3.0, "scope": "layer"}`.
+    every_k: micro-batches per real step (`accumulate`'s `every_k`); a Python int >= 1.
+    skip_nonfinite: guard the chain with `skip_nonfinite`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (the loss may be passed as `value=`).
@@ -228,19 +234,20 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, b1: float = 0.9, b2: flo
     ZClip, 2025 (https://arxiv.org/abs/2504.02507).
 
   Example:
-    >>> tx = ostab.recipes.robust_adamw(3e-4, weight_decay=0.1, accumulate_every=4)
+    >>> tx = ostab.recipes.robust_adamw(3e-4, weight_decay=0.1, every_k=4)
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
-  _validation.check_static_int("accumulate_every", accumulate_every, 1)
+  _validation.check_static_int("every_k", every_k, 1)
   clip_transform = _clipping_transform(clip, clip_kwargs)
   tx = optax.chain(
       *([] if clip_transform is None else [clip_transform]),
       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
       optax.scale_by_learning_rate(learning_rate),
-      weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate, mask=decay_mask),
+      weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate=learning_rate,
+                                              mask=mask),
   )
   if skip_nonfinite:
     tx = guards.skip_nonfinite(tx)
-  if accumulate_every > 1:
-    tx = accumulation.accumulate(tx, accumulate_every)
+  if every_k > 1:
+    tx = accumulation.accumulate(tx, every_k)
   return optax.with_extra_args_support(tx)

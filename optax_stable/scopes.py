@@ -38,7 +38,7 @@ from collections.abc import Callable, Mapping, Sequence
 import dataclasses
 import itertools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -261,13 +261,15 @@ class Grouping:
     stacked: leaves holding a stack of layers along one axis: a regex or a sequence of regexes
       over paths (stacked along axis 0), or a dict `{regex: axis}`.
     exclude: a regex or a sequence of regexes over paths whose leaves belong to no group.
+      A `stacked` or `exclude` regex that matches no path of a tree with float leaves raises
+      a `ValueError` when the tree is partitioned (at `init`).
     axis_name: inside `shard_map` or `pmap`, the mapped axis over which every leaf is split;
       group norms are then all-reduced (one `psum` of the vector of squared group norms), so a
       sharded gradient gets the norms of the whole one. Every leaf must be split over it (a
       leaf replicated on every device would be counted once per device).
   """
 
-  def __init__(self, scope: Scope, stacked: Stacked = None, exclude: paths.Regexes = None,
+  def __init__(self, scope: Scope, *, stacked: Stacked = None, exclude: paths.Regexes = None,
                axis_name: AxisName = None):
     if not (callable(scope) or scope in SCOPES):
       raise ValueError(f"`scope` must be one of {SCOPES} or a callable (path, leaf) -> label, "
@@ -322,6 +324,11 @@ class Grouping:
         `"unit"` always uses per-group arrays, so per-unit state is sharded like its params.
     """
     keyed_leaves, treedef = paths.leaves_with_paths(tree)
+    # A leafless placeholder (`optax.tree_map_params`) or an empty tree has nothing to match.
+    if any(_is_float(leaf) for _, leaf in keyed_leaves):
+      leaf_paths = [path for path, _ in keyed_leaves]
+      paths.check_patterns_match("stacked", [regex for regex, _ in self.stacked], leaf_paths)
+      paths.check_patterns_match("exclude", self.exclude, leaf_paths)
     labels: dict[str, int] = {}
     group_shapes: list[tuple[int, ...]] = []
     plans: list[_LeafPlan | None] = []
@@ -347,3 +354,76 @@ class Grouping:
           kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
     return Partition(treedef, plans, group_shapes, list(labels), self.axis_name,
                      group_arrays=group_arrays or self.scope == "unit")
+
+
+class GroupInfo(NamedTuple):
+  """One group of a scope.
+
+  Attributes:
+    label: the group's label (`""` for the whole tree at scope `"global"`).
+    paths: paths (`optax_stable.path_str`) of the leaves in the group.
+    norm_shape: shape of the group's norm array: `()` for one norm, `(L,)` for a stacked
+      layer, `(units,)` at scope `"unit"`.
+  """
+
+  label: str
+  paths: tuple[str, ...]
+  norm_shape: tuple[int, ...]
+
+
+class GroupLayout(NamedTuple):
+  """The groups a scope makes of a tree; `str()` renders it as a table.
+
+  Attributes:
+    groups: every group, in order of its first leaf.
+    ungrouped: paths of leaves in no group (excluded, or not floating point): never clipped.
+  """
+
+  groups: tuple[GroupInfo, ...]
+  ungrouped: tuple[str, ...]
+
+  def __str__(self) -> str:
+    norms = sum(math.prod(group.norm_shape) for group in self.groups)
+    lines = [f"{len(self.groups)} groups, {norms} norms; {len(self.ungrouped)} leaves in no group"]
+    for group in self.groups:
+      lines.append(f"  {group.label or '(whole tree)'}  norm shape {group.norm_shape}: "
+                   + ", ".join(group.paths))
+    if self.ungrouped:
+      lines.append("  no group: " + ", ".join(self.ungrouped))
+    return "\n".join(lines)
+
+
+def describe_groups(params: Any, *, scope: Scope, stacked: Stacked = None,
+                    exclude: paths.Regexes = None) -> GroupLayout:
+  """Shows how a scope groups a tree, before training: labels, member leaves, norm shapes.
+
+  Takes the same `scope`, `stacked` and `exclude` as the clipping transforms and raises the
+  same errors (a pattern that matches no leaf, leaves of one group that disagree on their
+  stacked shape). Works on arrays and on `jax.ShapeDtypeStruct`s.
+
+  Args:
+    params: the parameter (or gradient) tree.
+    scope: `"global"`, `"layer"`, `"leaf"`, `"unit"`, or a callable `(path, leaf) -> label`.
+    stacked: leaves of scanned layer stacks (see `Grouping`).
+    exclude: a regex or regexes over paths of leaves in no group.
+
+  Returns:
+    A `GroupLayout`; print it for a table.
+
+  Example:
+    >>> params = {"blocks": {"kernel": jnp.zeros((4, 8, 8)), "bias": jnp.zeros((4, 8))},
+    ...           "head": {"kernel": jnp.zeros((8, 2))}}
+    >>> print(ostab.describe_groups(params, scope="layer", stacked=r"^blocks/",
+    ...                             exclude=r"^head/"))
+    1 groups, 4 norms; 1 leaves in no group
+      blocks  norm shape (4,): blocks/bias, blocks/kernel
+      no group: head/kernel
+  """
+  partition = Grouping(scope, stacked=stacked, exclude=exclude).partition(params)
+  members: list[list[str]] = [[] for _ in partition.group_shapes]
+  ungrouped = []
+  for (path, _), plan in zip(paths.leaves_with_paths(params)[0], partition.plans):
+    (ungrouped if plan is None else members[plan.group]).append(path)
+  groups = tuple(GroupInfo(label, tuple(leaf_paths), shape) for label, leaf_paths, shape
+                 in zip(partition.group_labels, members, partition.group_shapes))
+  return GroupLayout(groups, tuple(ungrouped))

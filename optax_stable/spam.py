@@ -46,27 +46,27 @@ class SpikeClipState(NamedTuple):
     return {"clipped_fraction": self.clipped_fraction, "count": self.count}
 
 
-def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.999,
+def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Array = 0.999,
                warmup_steps: int | jax.Array = 20,
-               reset_every: int | None = None) -> optax.GradientTransformation:
+               reset_every_k: int | None = None) -> optax.GradientTransformation:
   """Clips gradient entries whose square exceeds `threshold` times their running mean square.
 
-  With `v` an EMA (decay `b2`) of the squared gradient, every entry with `g**2 > threshold * v`
+  With `v` an EMA (decay `decay`) of the squared gradient, every entry with `g**2 > threshold * v`
   becomes `sign(g) * sqrt(threshold * v)`; `v` then absorbs the clipped gradient. Steps are
   counted from 1 and nothing is clipped before step `warmup_steps`, while `v` is still a poor
-  estimate. With `reset_every`, `v` restarts from zero at every step that is a multiple of it
+  estimate. With `reset_every_k`, `v` restarts from zero at every step that is a multiple of it
   and clipping pauses until `warmup_steps` steps into each new cycle, exactly as SPAM does
-  alongside its momentum resets (its phase is the global step modulo `reset_every`).
+  alongside its momentum resets (its phase is the global step modulo `reset_every_k`).
 
-  `v` is the same quantity as Adam's second moment when `b2` matches; it is kept here so that
-  spike clipping composes with any optimizer. Non-float leaves pass through.
+  `v` is the same quantity as Adam's second moment when `decay` is Adam's `b2`; it is kept
+  here so that spike clipping composes with any optimizer. Non-float leaves pass through.
 
   Args:
     threshold: how many times the running mean square an entry's square may reach; > 0.
-    b2: EMA decay of the second moment; in (0, 1).
-    warmup_steps: first step (1-based, within each reset cycle) at which clipping is active;
-      >= 0.
-    reset_every: reset period of `v` in steps (a Python int >= 1), or None for never.
+    decay: EMA decay of the running mean square `v`; in (0, 1).
+    warmup_steps: first step (1-based, within each reset cycle) at which clipping is active:
+      the first `warmup_steps - 1` steps of a cycle are not clipped; >= 0.
+    reset_every_k: reset period of `v` in steps (a Python int >= 1), or None for never.
 
   Returns:
     An `optax.GradientTransformation` whose state is a `SpikeClipState`.
@@ -79,9 +79,9 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
     >>> tx = optax.chain(ostab.spike_clip(5000.0), optax.adam(1e-3))
   """
   _validation.check_positive("threshold", threshold)
-  _validation.check_interval("b2", b2, 0.0, 1.0, False, False)
+  _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_non_negative("warmup_steps", warmup_steps)
-  _validation.check_static_int("reset_every", reset_every, 1, allow_none=True)
+  _validation.check_static_int("reset_every_k", reset_every_k, 1, allow_none=True)
 
   def init_fn(params):
     return SpikeClipState(
@@ -93,9 +93,9 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
     del params
     _tree.check_matches(state.second_moment, updates, "gradients")
     step = state.count + 1
-    phase = step if reset_every is None else step % reset_every
+    phase = step if reset_every_k is None else step % reset_every_k
     active = (step >= warmup_steps) & (phase >= warmup_steps)
-    restart = jnp.array(False) if reset_every is None else phase == 0
+    restart = jnp.array(False) if reset_every_k is None else phase == 0
     leaves, treedef = jax.tree.flatten(updates)
     new_leaves, moments, spike_counts, size = [], [], [], 0
     for g, v in zip(leaves, treedef.flatten_up_to(state.second_moment)):
@@ -109,7 +109,7 @@ def spike_clip(threshold: float | jax.Array = 5000.0, b2: float | jax.Array = 0.
       spikes = active & (jnp.square(wide) > limit)
       wide = jnp.where(spikes, jnp.sign(wide) * jnp.sqrt(limit), wide)
       new_leaves.append(wide.astype(g.dtype))
-      moments.append(b2 * v + (1 - b2) * jnp.square(wide))
+      moments.append(decay * v + (1 - decay) * jnp.square(wide))
       spike_counts.append(jnp.sum(spikes))
       size += g.size
     fraction = sum(spike_counts) / size if size else 0.0
@@ -128,8 +128,8 @@ class PeriodicResetState(NamedTuple):
 
 
 def periodic_reset(inner: optax.GradientTransformation,
-                   every: int) -> optax.GradientTransformationExtraArgs:
-  """Re-initialises `inner`'s state at every step that is a multiple of `every` (1-based).
+                   every_k: int) -> optax.GradientTransformationExtraArgs:
+  """Re-initialises `inner`'s state at every step that is a multiple of `every_k` (1-based).
 
   On such a step `inner.update` runs on a freshly initialised state (built from `params`, or
   from the updates when no params are given), so moments, histories and counters inside
@@ -137,7 +137,7 @@ def periodic_reset(inner: optax.GradientTransformation,
 
   Args:
     inner: the transform whose state is reset.
-    every: reset period in steps; a Python int >= 1.
+    every_k: reset period in steps; a Python int >= 1.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` whose state is a `PeriodicResetState`.
@@ -147,9 +147,10 @@ def periodic_reset(inner: optax.GradientTransformation,
     ICLR 2025 (https://arxiv.org/abs/2501.06842).
 
   Example:
-    >>> tx = ostab.periodic_reset(optax.scale_by_adam(), every=500)
+    >>> tx = ostab.periodic_reset(optax.scale_by_adam(), 500)
   """
-  _validation.check_static_int("every", every, 1)
+  _validation.check_transform("inner", inner)
+  _validation.check_static_int("every_k", every_k, 1)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
@@ -158,7 +159,7 @@ def periodic_reset(inner: optax.GradientTransformation,
   def update_fn(updates, state, params=None, **extra_args):
     step = state.count + 1
     fresh = inner.init(updates if params is None else params)
-    inner_state = _tree.select(step % every == 0, fresh, state.inner_state)
+    inner_state = _tree.select(step % every_k == 0, fresh, state.inner_state)
     updates, inner_state = inner.update(updates, inner_state, params, **extra_args)
     # The state keeps its types across steps (see `_tree.cast_like`), so the step compiles once.
     return updates, PeriodicResetState(inner_state=_tree.cast_like(inner_state, state.inner_state),
@@ -174,7 +175,7 @@ class ScaleByAdamMomentsState(NamedTuple):
   nu: Any
 
 
-def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.999,
+def scale_by_adam_moments(*, b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.999,
                           eps: float | jax.Array = 1e-8) -> optax.GradientTransformation:
   """Adam's direction `m / (sqrt(v) + eps)` without bias correction.
 
@@ -195,7 +196,7 @@ def scale_by_adam_moments(b1: float | jax.Array = 0.9, b2: float | jax.Array = 0
     (https://arxiv.org/abs/1412.6980).
 
   Example:
-    >>> tx = ostab.periodic_reset(ostab.scale_by_adam_moments(), every=500)
+    >>> tx = ostab.periodic_reset(ostab.scale_by_adam_moments(), 500)
   """
   _check_adam_moments(b1, b2, eps)
 

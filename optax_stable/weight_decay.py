@@ -54,7 +54,7 @@ def _resolve_mask(mask: Mask, params: Any) -> Any:
 
 def _as_schedule(name: str, value: optax.ScalarOrSchedule) -> Callable[[jax.Array], jax.Array]:
   if callable(value):
-    return value
+    return _validation.checked_schedule(name, value)
   _validation.check_non_negative(name, value)
   return lambda count: value
 
@@ -81,14 +81,15 @@ class DecoupledWeightDecayState(NamedTuple):
   count: jax.Array
 
 
-def decoupled_weight_decay(weight_decay: optax.ScalarOrSchedule,
+def decoupled_weight_decay(weight_decay: optax.ScalarOrSchedule, *,
                            learning_rate: optax.ScalarOrSchedule | None = None,
                            mask: Mask = None) -> optax.GradientTransformation:
   """Adds `-rate_t * param` to the update: decay applied to the parameters, not the gradient.
 
   Place it after `optax.scale_by_learning_rate`. With `learning_rate` given, `rate_t =
   weight_decay_t * learning_rate_t`, exactly AdamW:
-  `chain(scale_by_adam(), scale_by_learning_rate(lr), decoupled_weight_decay(wd, lr, mask))`
+  `chain(scale_by_adam(), scale_by_learning_rate(lr), decoupled_weight_decay(wd, learning_rate=lr,
+  mask=mask))`
   equals `optax.adamw(lr, weight_decay=wd, mask=mask)`. With `learning_rate=None`,
   `rate_t = weight_decay_t`: the decay no longer depends on the learning rate ("fully
   decoupled"), so retuning the peak learning rate leaves it alone. Wortsman et al.'s
@@ -142,7 +143,7 @@ def _coupled_penalty(coeff: float | jax.Array, mask: Mask,
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def add_l2_penalty(coeff: float | jax.Array, mask: Mask = None) -> optax.GradientTransformation:
+def add_l2_penalty(coeff: float | jax.Array, *, mask: Mask = None) -> optax.GradientTransformation:
   """Coupled L2 regularization: `g += coeff * p`, the gradient of `coeff / 2 * ||p||**2`.
 
   Place it before the optimizer. Under an adaptive optimizer (Adam) the penalty is rescaled
@@ -166,7 +167,7 @@ def add_l2_penalty(coeff: float | jax.Array, mask: Mask = None) -> optax.Gradien
   return _coupled_penalty(coeff, mask, lambda p: p)
 
 
-def add_l1_penalty(coeff: float | jax.Array, mask: Mask = None) -> optax.GradientTransformation:
+def add_l1_penalty(coeff: float | jax.Array, *, mask: Mask = None) -> optax.GradientTransformation:
   """Coupled L1 regularization: `g += coeff * sign(p)`, a subgradient of `coeff * ||p||_1`.
 
   Place it before the optimizer; see `add_l2_penalty` for why coupled penalties behave

@@ -23,7 +23,8 @@ Factory = Callable[[optax.GradientTransformation], optax.GradientTransformation]
 # name -> factory of the entry given the optimizer it wraps or precedes (recipes and
 # `scale_by_adam_moments` are optimizers themselves and ignore it).
 TRANSFORMS: dict[str, Factory] = {
-    "clip[quantile,layer]": lambda _: ostab.clip(ostab.policies.quantile(0.5, 3), scope="layer"),
+    "clip[quantile,layer]": lambda _: ostab.clip(ostab.policies.quantile(0.5, history_length=3),
+                                                 scope="layer"),
     "clip_by_global_norm": lambda _: ostab.clip_by_global_norm(1.0),
     "clip_by_norm[layer]": lambda _: ostab.clip_by_norm(0.5),
     "clip_by_norm[unit]": lambda _: ostab.clip_by_norm(0.5, scope="unit"),
@@ -32,7 +33,7 @@ TRANSFORMS: dict[str, Factory] = {
     "zclip": lambda _: ostab.zclip(warmup_steps=2, max_norm=None),
     "zclip[unit]": lambda _: ostab.zclip(warmup_steps=2, scope="unit"),
     "adagc": lambda _: ostab.adagc(warmup_steps=3),
-    "spike_clip": lambda _: ostab.spike_clip(2.0, b2=0.9, warmup_steps=2, reset_every=4),
+    "spike_clip": lambda _: ostab.spike_clip(2.0, decay=0.9, warmup_steps=2, reset_every_k=4),
     "add_l2_penalty": lambda _: ostab.add_l2_penalty(1e-2),
     "add_l1_penalty": lambda _: ostab.add_l1_penalty(1e-3),
     "scale_by_adam_moments": lambda _: optax.chain(ostab.scale_by_adam_moments(),
@@ -44,10 +45,10 @@ TRANSFORMS: dict[str, Factory] = {
     "decoupled_weight_decay": lambda optimizer: optax.chain(
         optimizer, ostab.decoupled_weight_decay(0.1, learning_rate=1e-2)),
     "recipes.adagc": lambda _: ostab.recipes.adagc(warmup_steps=3),
-    "recipes.spam": lambda _: ostab.recipes.spam(update_proj_gap=4, grad_accu_steps=2,
-                                                 warmup_steps=2, weight_decay=0.1),
+    "recipes.spam": lambda _: ostab.recipes.spam(reset_every_k=4, clip_warmup_steps=2,
+                                                 reset_warmup_steps=2, weight_decay=0.1),
     "recipes.robust_adamw": lambda _: ostab.recipes.robust_adamw(
-        1e-2, accumulate_every=2, clip_kwargs={"warmup_steps": 2}),
+        1e-2, every_k=2, clip_kwargs={"warmup_steps": 2}),
 }
 
 # The entries above that only reshape gradients (no optimizer inside): trained behind one.

@@ -67,6 +67,7 @@ def test_nonfinite_step_changes_only_the_counter(preset):
       jax.tree.map(np.testing.assert_array_equal, guarded_state.policy_state,
                    before.policy_state)
       assert int(guarded_state.nonfinite_steps) == 1
+      assert jax.tree.structure(passed) == jax.tree.structure(bad)
       for out, inp in zip(jax.tree.leaves(passed), jax.tree.leaves(bad)):
         np.testing.assert_array_equal(out, inp)  # passed through unclipped
     clean_out, clean_state = update(grads, clean_state)
@@ -112,11 +113,11 @@ def test_numeric_hyperparameters_can_be_injected():
 
 @pytest.mark.parametrize("factory, argument, value", [
     (ostab.autoclip, "quantile", 1.5), (ostab.autoclip, "quantile", -0.1),
-    (ostab.autoclip, "history_length", 0), (ostab.zclip, "alpha", 1.0),
-    (ostab.zclip, "alpha", 0.0), (ostab.zclip, "z_thresh", -1.0), (ostab.zclip, "max_norm", 0.0),
+    (ostab.autoclip, "history_length", 0), (ostab.zclip, "decay", 1.0),
+    (ostab.zclip, "decay", 0.0), (ostab.zclip, "z_thresh", -1.0), (ostab.zclip, "max_norm", 0.0),
     (ostab.zclip, "mode", "median"), (ostab.zclip, "clip_option", "max"),
     (ostab.zclip, "warmup_steps", -1), (ostab.zclip, "eps", -1e-6),
-    (ostab.adagc, "beta", 1.5), (ostab.adagc, "lambda_abs", 0.0),
+    (ostab.adagc, "decay", 1.5), (ostab.adagc, "lambda_abs", 0.0),
     (ostab.adagc, "lambda_rel", -1.0), (ostab.adagc, "warmup_steps", -5),
 ])
 def test_bad_hyperparameters_are_rejected(factory, argument, value):

@@ -36,10 +36,11 @@ def test_autoclip_matches_quantile_clip(scope, global_threshold, seed, shapes):
   reference = autoclip_torch.QuantileClip(mirror.params, quantile=0.8, history_length=50,
                                           global_threshold=global_threshold)
   clipped_any = False
-  for step, (ours, state) in enumerate(_run(ostab.autoclip(0.8, 50, scope=scope), sequence)):
+  for step, (ours, state) in enumerate(_run(ostab.autoclip(0.8, history_length=50, scope=scope), sequence)):
     mirror.set(sequence[step])
     reference.step()
-    assert_trees_close(ours, mirror.get(), err_msg=f"step {step}")
+    # A tree norm (14 levels), a quantile of exact past norms, one scale.
+    assert_trees_close(ours, mirror.get(), depth=20, err_msg=f"step {step}")
     clipped_any |= float(state.scale) < 1.0
   histories = ([reference.state["global_history"]] if global_threshold else
                [reference.state[p]["history"] for p in mirror.params])
@@ -49,12 +50,14 @@ def test_autoclip_matches_quantile_clip(scope, global_threshold, seed, shapes):
   assert clipped_any
 
 
+# The EMA statistics remember ~1 / (1 - decay) = 33 steps of ~3 operations each.
+ZCLIP_DEPTH = 100
 ZCLIP_CONFIGS = {
     "zscore-adaptive": dict(max_norm=None),
     "zscore-adaptive-capped": dict(max_norm=40.0, clip_factor=0.8),
     "zscore-mean": dict(clip_option="mean", max_norm=None),
     "percentile": dict(mode="percentile", z_thresh=2.0, max_norm=None),
-    "skip-update-on-spike": dict(skip_update_on_spike=True, max_norm=None, alpha=0.9),
+    "skip-update-on-spike": dict(skip_update_on_spike=True, max_norm=None, decay=0.9),
     "defaults": dict(),
 }
 
@@ -63,6 +66,8 @@ def _zclip_reference(zclip_module, config):
   kwargs = dict(config)
   if "max_norm" in kwargs:
     kwargs["max_grad_norm"] = kwargs.pop("max_norm")
+  if "decay" in kwargs:
+    kwargs["alpha"] = kwargs.pop("decay")
   return zclip_module.ZClip(**kwargs)
 
 
@@ -77,7 +82,7 @@ def test_zclip_matches_reference(config, seed, shapes):
   for step, (ours, state) in enumerate(_run(ostab.zclip(**ZCLIP_CONFIGS[config]), sequence)):
     mirror.set(sequence[step])
     reference.step(mirror.module)
-    assert_trees_close(ours, mirror.get(), err_msg=f"step {step}")
+    assert_trees_close(ours, mirror.get(), depth=ZCLIP_DEPTH, err_msg=f"step {step}")
     if reference.initialized:
       np.testing.assert_allclose(state.policy_state.mean[0], reference.mean, rtol=1e-5)
       np.testing.assert_allclose(state.policy_state.var[0], reference.var, rtol=1e-4)
@@ -96,8 +101,8 @@ def test_zclip_per_leaf_equals_one_reference_per_leaf():
     for leaf_index, (mirror, reference) in enumerate(zip(mirrors, references)):
       mirror.set({"x": jax.tree.leaves(sequence[step])[leaf_index]})
       reference.step(mirror.module)
-      np.testing.assert_allclose(jax.tree.leaves(ours)[leaf_index], mirror.get()["x"],
-                                 rtol=1e-5, err_msg=f"step {step}, leaf {leaf_index}")
+      assert_trees_close({"x": jax.tree.leaves(ours)[leaf_index]}, mirror.get(),
+                         depth=ZCLIP_DEPTH, err_msg=f"step {step}, leaf {leaf_index}")
 
 
 def _follow_reference(tx, make_reference, sequence, params, atol):
@@ -119,7 +124,9 @@ def _follow_reference(tx, make_reference, sequence, params, atol):
     mirror.set(grads)
     reference.step()
     expected = jax.tree.unflatten(mirror.treedef, [p.detach().numpy() for p in mirror.params])
-    assert_trees_close(params, expected, rtol=1e-5, atol=atol, err_msg=f"step {step}")
+    # Adam's first moment remembers ~1 / (1 - b1) = 10 steps of 2 operations; a clip adds a
+    # norm (the 5 levels of these small trees).
+    assert_trees_close(params, expected, depth=25, atol=atol, err_msg=f"step {step}")
     states.append(state)
   return states, reference, mirror
 
@@ -130,10 +137,11 @@ def test_adagc_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes)
   sequence = spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])
   rng = np.random.default_rng(seed)
   params = jax.tree.map(lambda g: rng.normal(size=g.shape).astype(np.float32), sequence[0])
-  hyper = dict(warmup_steps=30, weight_decay=0.1, lambda_rel=1.05, beta=0.98)
+  hyper = dict(warmup_steps=30, weight_decay=0.1, lambda_rel=1.05)
   states, reference, mirror = _follow_reference(
-      ostab.recipes.adagc(learning_rate=1e-2, **hyper),
-      lambda tensors: pytorch_optimizer.AdaGC(tensors, lr=1e-2, **hyper), sequence, params,
+      ostab.recipes.adagc(learning_rate=1e-2, decay=0.98, **hyper),
+      lambda tensors: pytorch_optimizer.AdaGC(tensors, lr=1e-2, beta=0.98, **hyper), sequence,
+      params,
       atol=1e-6)
   gammas = [reference.state[p]["gamma"].item() for p in mirror.params]
   np.testing.assert_allclose(states[-1][0].policy_state.gamma, gammas, rtol=1e-5)
@@ -193,8 +201,8 @@ def test_adagc_recipe_matches_pytorch_optimizer_training_a_real_model():
                                              weight_decay=0.1))
 
 
-SPAM_SETTINGS = dict(weight_decay=0.1, warmup_steps=10, threshold=50.0, grad_accu_steps=5,
-                     update_proj_gap=40)
+SPAM_SETTINGS = dict(weight_decay=0.1, reset_warmup_steps=10, threshold=50.0,
+                     clip_warmup_steps=5, reset_every_k=40)
 
 
 def test_spam_recipe_matches_pytorch_optimizer_training_a_real_model():
@@ -207,7 +215,9 @@ def test_spam_recipe_matches_pytorch_optimizer_training_a_real_model():
 
 def _spam_reference_kwargs():
   kwargs = dict(SPAM_SETTINGS)
-  kwargs["warmup_epoch"] = kwargs.pop("warmup_steps")
+  kwargs["warmup_epoch"] = kwargs.pop("reset_warmup_steps")
+  kwargs["grad_accu_steps"] = kwargs.pop("clip_warmup_steps")
+  kwargs["update_proj_gap"] = kwargs.pop("reset_every_k")
   return kwargs
 
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import optax_stable as ostab
-from conftest import TOLERANCE, leaf_items, reference_group_norms
+from conftest import float_tolerance, leaf_items, reference_group_norms
 
 SCOPES = ["global", "layer", "leaf", "unit"]
 
@@ -34,9 +34,10 @@ def test_group_norms_never_exceed_threshold(dtype, scope, tree_factory):
   clipped, _ = _clip(grads, scope)
   assert all(leaf.dtype == dtype for leaf in jax.tree.leaves(clipped))
   norms = reference_group_norms(clipped, scope)
-  assert np.all(norms <= 1.0 * (1 + TOLERANCE[jnp.dtype(dtype)]))
+  tolerance = float_tolerance(dtype, depth=8)  # a norm of <= 54 squares (6 levels), a scale
+  assert np.all(norms <= 1.0 * (1 + tolerance))
   # Every group was above the threshold, so every group now sits on it.
-  np.testing.assert_allclose(norms, 1.0, rtol=TOLERANCE[jnp.dtype(dtype)])
+  np.testing.assert_allclose(norms, 1.0, rtol=tolerance)
 
 
 @pytest.mark.parametrize("scope", SCOPES)
@@ -133,6 +134,7 @@ def test_global_clip_matches_torch_and_optax(seed, tree_factory):
   for tensor, leaf in zip(tensors, jax.tree.leaves(grads)):
     tensor.grad = torch.tensor(np.asarray(leaf))
   torch.nn.utils.clip_grad_norm_(tensors, max_norm=2.0)
+  assert jax.tree.structure(ours) == jax.tree.structure(optax_out)
   for ours_leaf, optax_leaf, tensor in zip(jax.tree.leaves(ours), jax.tree.leaves(optax_out),
                                            tensors):
     np.testing.assert_allclose(ours_leaf, optax_leaf, rtol=1e-5, atol=1e-7)
@@ -169,6 +171,7 @@ def test_nonfinite_step_passes_through_and_is_counted(tree_factory):
   grads = tree_factory(seed=4, scale=5.0)
   grads["Dense_0"]["bias"] = grads["Dense_0"]["bias"].at[0].set(jnp.inf)
   clipped, state = _clip(grads, "layer")
+  assert jax.tree.structure(grads) == jax.tree.structure(clipped)
   for before, after in zip(jax.tree.leaves(grads), jax.tree.leaves(clipped)):
     np.testing.assert_array_equal(before, after)
   assert int(state.nonfinite_steps) == 1

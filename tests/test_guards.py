@@ -12,8 +12,9 @@ _INNER = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-2))
 
 
 def _tree_equal(a, b):
-  return all(np.array_equal(x, y, equal_nan=True)
-             for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  return jax.tree.structure(a) == jax.tree.structure(b) and all(
+      np.array_equal(x, y, equal_nan=True)
+      for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +162,7 @@ def test_skip_spikes_needs_the_loss_and_validates_its_arguments():
   tx = ostab.skip_spikes(optax.sgd(1.0))
   with pytest.raises(ValueError, match="value=loss"):
     tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.ones(1)}))
-  for argument, value in (("z_thresh", 0.0), ("alpha", 1.0), ("metric", "loss"),
+  for argument, value in (("z_thresh", 0.0), ("decay", 1.0), ("metric", "loss"),
                           ("max_consecutive", 0), ("warmup_steps", -1)):
     with pytest.raises(ValueError, match=argument):
       ostab.skip_spikes(optax.sgd(1.0), **{argument: value})

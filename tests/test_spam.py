@@ -9,13 +9,13 @@ import pytest
 import optax_stable as ostab
 
 
-def _numpy_spike_clip(grads, threshold, b2, warmup_steps, reset_every=None):
+def _numpy_spike_clip(grads, threshold, b2, warmup_steps, reset_every_k=None):
   """Reference written from the SPAM paper's rule, float64 numpy."""
   v = np.zeros_like(grads[0], dtype=np.float64)
   out = []
   for step, g in enumerate(grads, start=1):
-    phase = step if reset_every is None else step % reset_every
-    if reset_every is not None and phase == 0:
+    phase = step if reset_every_k is None else step % reset_every_k
+    if reset_every_k is not None and phase == 0:
       v = np.zeros_like(v)
     g = g.astype(np.float64)
     if step >= warmup_steps and phase >= warmup_steps:
@@ -26,14 +26,14 @@ def _numpy_spike_clip(grads, threshold, b2, warmup_steps, reset_every=None):
   return out
 
 
-@pytest.mark.parametrize("reset_every", [None, 15])
+@pytest.mark.parametrize("reset_every_k", [None, 15])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_spike_clip_matches_the_rule(reset_every, dtype):
+def test_spike_clip_matches_the_rule(reset_every_k, dtype):
   rng = np.random.default_rng(0)
   grads = [rng.normal(size=(4, 3)) * (30.0 if rng.uniform() < 0.2 else 1.0) for _ in range(40)]
   grads = [np.asarray(jnp.asarray(g, dtype), np.float64) for g in grads]  # representable
-  expected = _numpy_spike_clip(grads, 10.0, 0.9, 5, reset_every)
-  tx = ostab.spike_clip(10.0, b2=0.9, warmup_steps=5, reset_every=reset_every)
+  expected = _numpy_spike_clip(grads, 10.0, 0.9, 5, reset_every_k)
+  tx = ostab.spike_clip(10.0, decay=0.9, warmup_steps=5, reset_every_k=reset_every_k)
   state, update = tx.init(jnp.zeros((4, 3), dtype)), jax.jit(tx.update)
   clipped_steps = 0
   for g, e in zip(grads, expected):
@@ -46,7 +46,7 @@ def test_spike_clip_matches_the_rule(reset_every, dtype):
 
 
 def test_periodic_reset_restarts_the_inner_state():
-  tx = ostab.periodic_reset(optax.scale_by_adam(), every=3)
+  tx = ostab.periodic_reset(optax.scale_by_adam(), 3)
   params = {"w": jnp.zeros(2)}
   state = tx.init(params)
   counts = []
@@ -58,7 +58,7 @@ def test_periodic_reset_restarts_the_inner_state():
 
 def test_scale_by_adam_moments_has_no_bias_correction():
   b1, b2, eps = 0.9, 0.99, 1e-6
-  tx = ostab.scale_by_adam_moments(b1, b2, eps)
+  tx = ostab.scale_by_adam_moments(b1=b1, b2=b2, eps=eps)
   rng = np.random.default_rng(1)
   state = tx.init(jnp.zeros(5))
   m = v = np.zeros(5)
@@ -70,8 +70,8 @@ def test_scale_by_adam_moments_has_no_bias_correction():
 
 
 @pytest.mark.parametrize("factory, argument, value", [
-    (ostab.spike_clip, "threshold", 0.0), (ostab.spike_clip, "b2", 1.0),
-    (ostab.spike_clip, "warmup_steps", -1), (ostab.spike_clip, "reset_every", 0),
+    (ostab.spike_clip, "threshold", 0.0), (ostab.spike_clip, "decay", 1.0),
+    (ostab.spike_clip, "warmup_steps", -1), (ostab.spike_clip, "reset_every_k", 0),
 ])
 def test_bad_hyperparameters_are_rejected(factory, argument, value):
   with pytest.raises(ValueError, match=argument):
@@ -80,7 +80,7 @@ def test_bad_hyperparameters_are_rejected(factory, argument, value):
 
 def test_periodic_reset_rejects_bad_period():
   with pytest.raises(ValueError, match="every"):
-    ostab.periodic_reset(optax.identity(), every=0)
+    ostab.periodic_reset(optax.identity(), 0)
 
 
 def test_spam_recipe_rejects_negative_threshold():

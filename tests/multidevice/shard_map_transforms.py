@@ -30,7 +30,7 @@ TRANSFORMS = {
     "clip_by_norm[layer]": lambda ax: ostab.clip_by_norm(1.0, axis_name=ax),
     "clip_by_norm[unit]": lambda ax: ostab.clip_by_norm(1.0, scope="unit", axis_name=ax),
     "adaptive_grad_clip": lambda ax: ostab.adaptive_grad_clip(0.1, axis_name=ax),
-    "autoclip[leaf]": lambda ax: ostab.autoclip(0.5, 4, scope="leaf", axis_name=ax),
+    "autoclip[leaf]": lambda ax: ostab.autoclip(0.5, history_length=4, scope="leaf", axis_name=ax),
     "zclip": lambda ax: ostab.zclip(warmup_steps=2, max_norm=None, axis_name=ax),
     "adagc": lambda ax: ostab.adagc(warmup_steps=2, axis_name=ax),
     "skip_nonfinite": lambda ax: ostab.skip_nonfinite(optax.sgd(0.1), axis_name=ax),
