@@ -4,8 +4,9 @@ A policy maps the group norms (a norm container: one float32 vector, or per-leaf
 scope "unit"; see `optax_stable.scopes`) to thresholds of the same layout, and may keep array
 state across steps (a history of norms, EMA statistics). Each entry is an independent group and
 policies map over the container's arrays (`scopes.map_groups`), so every policy works at every
-scope and per-group statistics are laid out (and sharded) like the norms. The clipping transform owns everything else: measuring norms, computing the scale
-factors, passing non-finite steps through, and freezing the policy's state on them.
+scope and per-group statistics are laid out (and sharded) like the norms. The clipping
+transform owns everything else: measuring norms, computing the scale factors, passing
+non-finite steps through, and freezing the policy's state on them.
 
 A policy state that reports telemetry defines `telemetry(self) -> dict[str, jax.Array]`; its
 entries appear in `optax_stable.stats` under the clipping transform's name.
@@ -125,7 +126,8 @@ class QuantileState(NamedTuple):
 def _replace_sorted(ordered: jax.Array, evicted: jax.Array, value: jax.Array) -> jax.Array:
   """Per column of `ordered` (ascending, `NO_LIMIT`-padded): drop one `evicted`, insert `value`.
 
-  O(rows) elementwise work per column, no sort. Evicting `NO_LIMIT` (a slot never filled) is a no-op.
+  O(rows) elementwise work per column, no sort. Evicting `NO_LIMIT` (a slot never filled) is a
+  no-op.
   """
   rows = jnp.arange(ordered.shape[0]).reshape((-1,) + (1,) * (ordered.ndim - 1))
   padding = jnp.full_like(ordered[:1], NO_LIMIT)

@@ -36,7 +36,8 @@ def test_autoclip_matches_quantile_clip(scope, global_threshold, seed, shapes):
   reference = autoclip_torch.QuantileClip(mirror.params, quantile=0.8, history_length=50,
                                           global_threshold=global_threshold)
   clipped_any = False
-  for step, (ours, state) in enumerate(_run(ostab.autoclip(0.8, history_length=50, scope=scope), sequence)):
+  tx = ostab.autoclip(0.8, history_length=50, scope=scope)
+  for step, (ours, state) in enumerate(_run(tx, sequence)):
     mirror.set(sequence[step])
     reference.step()
     # A tree norm (14 levels), a quantile of exact past norms, one scale.
