@@ -6,6 +6,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_stable import _compat
 from optax_stable import paths
 
 
@@ -55,10 +56,7 @@ def cast_like(new: Any, old: Any) -> Any:
   """
   def cast(new_leaf, old_leaf):
     new_leaf = jnp.asarray(new_leaf).astype(old_leaf.dtype)
-    sharding = jax.typeof(old_leaf).sharding
-    if jax.typeof(new_leaf).sharding.spec != sharding.spec:
-      new_leaf = jax.sharding.reshard(new_leaf, sharding.spec)
-    return new_leaf
+    return _compat.reshard_like(new_leaf, old_leaf)
 
   return jax.tree.map(cast, new, old)
 

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from optax_stable import _compat
 from optax_stable import _tree
 from optax_stable import paths
 
@@ -78,9 +79,7 @@ def flat(container: NormContainer) -> jax.Array:
 
 
 def _replicated(x: jax.Array) -> jax.Array:
-  if any(axis is not None for axis in jax.typeof(x).sharding.spec):
-    return jax.sharding.reshard(x, jax.sharding.PartitionSpec())
-  return x
+  return _compat.replicated(x)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,8 @@ from typing import Any
 
 import jax
 
+from optax_stable import _compat
+
 
 def _reports(node: Any) -> bool:
   return isinstance(node, tuple) and callable(getattr(node, "telemetry", None)) and hasattr(
@@ -11,14 +13,14 @@ def _reports(node: Any) -> bool:
 
 
 def _is_variable(node: Any) -> bool:
-  # Flax NNX wraps optimizer-state arrays in Variables (duck-typed: no Flax import here).
-  return callable(getattr(node, "get_value", None)) and not isinstance(node, jax.Array)
+  # Flax NNX wraps optimizer-state arrays in Variables.
+  return _compat.is_nnx_variable(node)
 
 
 def _unwrapped(node: Any) -> Any:
   """`node` with every NNX Variable inside replaced by its array."""
   leaves, treedef = jax.tree_util.tree_flatten(node, is_leaf=_is_variable)
-  return treedef.unflatten([leaf.get_value() if _is_variable(leaf) else leaf
+  return treedef.unflatten([_compat.nnx_variable_value(leaf) if _is_variable(leaf) else leaf
                             for leaf in leaves])
 
 

@@ -7,7 +7,6 @@ buffer may ever hold a non-finite value, every non-finite fault must be skipped 
 1e30 fault clipped, and the final loss must stay within 10% of the fault-free run.
 """
 
-from flax import linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +15,8 @@ import pytest
 
 import optax_stable as ostab
 import registry
+
+nn = pytest.importorskip("flax.linen")
 
 STEPS = 200
 FAULTS = ("nan", "+inf", "-inf", "1e30")

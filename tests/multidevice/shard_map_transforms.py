@@ -11,6 +11,13 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, PartitionSpec as P
 
+try:
+  from jax import shard_map  # JAX >= 0.6.2 (replication checks: check_vma)
+except ImportError:  # older JAX: its replication check has no rule for our `while` loops
+  import functools
+  from jax.experimental import shard_map as _shard_map
+  shard_map = functools.partial(_shard_map.shard_map, check_rep=False)
+
 import optax_stable as ostab
 
 assert jax.device_count() == 8, jax.devices()
@@ -53,7 +60,7 @@ for name, make in TRANSFORMS.items():
   state_specs = optax.tree_map_params(reference, lambda _, spec: spec, ref_state, split,
                                       transform_non_params=lambda _: P(),
                                       is_leaf=lambda x: isinstance(x, P))
-  sharded_update = jax.jit(jax.shard_map(
+  sharded_update = jax.jit(shard_map(
       sharded.update, mesh=mesh, in_specs=(split, state_specs, split),
       out_specs=(split, state_specs)))
   for index, grads in enumerate(sequence):
