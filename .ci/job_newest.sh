@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Job "newest": the suite against the newest JAX, jaxlib, Optax, Flax, Orbax
-# and chex on Python 3.13, so that an upstream release that breaks us is seen
+# Job "newest": the suite against the newest JAX, jaxlib, Optax, Flax and Orbax
+# on Python 3.13, so that an upstream release that breaks us is seen
 # before users report it (pyproject has no upper bounds on these).
 #
 # The CI machines run Debian 12, which packages no Python >= 3.12, and may only
@@ -23,7 +23,7 @@ PY="$PREFIX/bin/python3.13"
 PY_CHECK='import ssl, sqlite3, zlib, lzma, bz2, ctypes'
 
 # The packages this job upgrades to their newest release.
-NEWEST=(jax jaxlib optax flax orbax-checkpoint chex)
+NEWEST=(jax jaxlib optax flax orbax-checkpoint)
 
 # Debian 12 build dependencies for those modules (ctypes needs libffi-dev
 # since 3.13 no longer bundles libffi). readline, gdbm, tk: not needed.
