@@ -106,8 +106,14 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule, *,
     `has_updated(state)`) whose state is an `AccumulateState`.
 
   Example:
-    >>> tx = ostab.accumulate(optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)), 4)
-    >>> updates, state = tx.update(micro_grads, state, params, value=micro_loss)
+    >>> params = {"w": jnp.zeros(3)}
+    >>> tx = ostab.accumulate(optax.chain(ostab.clip_by_global_norm(1.0), optax.sgd(0.1)), 4)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
+    >>> for micro_loss in [1.0, 2.0, 3.0, 4.0]:
+    ...   micro_grads = {"w": jnp.full(3, micro_loss)}
+    ...   updates, state = update(micro_grads, state, params, value=micro_loss)
+    >>> print(jnp.round(updates["w"], 4), tx.has_updated(state))  # mean 2.5, clipped to norm 1
+    [-0.0577 -0.0577 -0.0577] True
   """
   _validation.check_transform("inner", inner)
   k_of_step = _check_every_k(every_k)
@@ -222,8 +228,14 @@ def microbatch(grad_fn: Callable[..., Any], num_microbatches: int, *, has_value:
     A function with `grad_fn`'s signature and output form.
 
   Example:
+    >>> def loss_fn(params, batch):
+    ...   return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+    >>> params = {"w": jnp.ones(2)}
+    >>> batch = {"x": jnp.arange(16.0).reshape(8, 2), "y": jnp.zeros(8)}
     >>> grad_fn = ostab.microbatch(jax.value_and_grad(loss_fn), 8, has_value=True)
     >>> loss, grads = grad_fn(params, batch)
+    >>> print(loss, grads["w"])  # as jax.value_and_grad(loss_fn)(params, batch)
+    309.0 [294. 324.]
   """
   _validation.check_static_int("num_microbatches", num_microbatches, 1)
   if split not in SPLITS:

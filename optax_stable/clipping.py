@@ -169,7 +169,12 @@ def clip(policy: policies.ThresholdPolicy, *, scope: scopes.Scope = "global",
     An `optax.GradientTransformation` whose state is a `ClipState`.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> grads = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full(2, 0.5)}}
     >>> tx = optax.chain(ostab.clip(ostab.policies.fixed(1.0), scope="leaf"), optax.adam(1e-3))
+    >>> updates, state = tx.update(grads, tx.init(params))
+    >>> print(ostab.stats(state)["clip/clipped_fraction"])  # the kernel (norm 4.9), not the bias
+    0.5
   """
   if not isinstance(policy, policies.ThresholdPolicy):
     raise TypeError(
@@ -201,7 +206,13 @@ def clip_by_global_norm(max_norm: float | jax.Array, *,
     (https://arxiv.org/abs/1211.5063).
 
   Example:
-    >>> tx = optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3))
+    >>> grads = {"w": jnp.full(4, 300.0, jnp.float16)}  # norm 600: its float16 square is inf
+    >>> tx = ostab.clip_by_global_norm(1.0)
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> print(updates["w"], ostab.stats(state)["clip_by_global_norm/grad_norm"])
+    [0.5 0.5 0.5 0.5] 600.0
+    >>> print(optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]["w"])
+    [0. 0. 0. 0.]
   """
   return _clip(policies.fixed(max_norm), ClipByGlobalNormState, "global", None, None, axis_name)
 
@@ -230,7 +241,14 @@ def clip_by_norm(max_norm: float | jax.Array, *, scope: scopes.Scope = "layer",
     (https://arxiv.org/abs/1211.5063).
 
   Example:
-    >>> tx = optax.chain(ostab.clip_by_norm(1.0, scope="layer"), optax.adam(1e-3))
+    >>> grads = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full(2, 2.0)},
+    ...          "head": {"kernel": jnp.full((2, 1), 0.1)}}
+    >>> tx = ostab.clip_by_norm(1.0, scope="layer")
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> print({name: round(float(optax.tree.norm(layer)), 4) for name, layer in updates.items()})
+    {'dense': 1.0, 'head': 0.1414}
+    >>> print(ostab.stats(state)["clip_by_norm/clipped_fraction"])
+    0.5
   """
   return _clip(policies.fixed(max_norm), ClipByNormState, scope, stacked, exclude, axis_name)
 
@@ -267,7 +285,16 @@ def adaptive_grad_clip(clipping: float | jax.Array = 0.01, *, eps: float | jax.A
     ICML 2021 (https://arxiv.org/abs/2102.06171).
 
   Example:
-    >>> tx = optax.chain(ostab.adaptive_grad_clip(0.01, exclude=r"Dense_2/"), optax.sgd(0.1))
+    >>> params = {"Dense_0": {"kernel": jnp.ones((2, 2))}, "Dense_2": {"kernel": jnp.ones((2, 2))}}
+    >>> grads = jax.tree.map(lambda p: 5.0 * p, params)
+    >>> tx = ostab.adaptive_grad_clip(0.01, exclude=r"Dense_2/")
+    >>> updates, _ = tx.update(grads, tx.init(params), params)
+    >>> print(jnp.round(updates["Dense_0"]["kernel"], 4))  # each column: 0.01 x its param norm
+    [[0.01 0.01]
+     [0.01 0.01]]
+    >>> print(updates["Dense_2"]["kernel"])  # excluded
+    [[5. 5.]
+     [5. 5.]]
   """
   return _clip(policies.relative_to_params(clipping, eps=eps),
                AdaptiveGradClipState, scope, stacked, exclude, axis_name)
@@ -319,7 +346,12 @@ def autoclip(quantile: float | jax.Array = 0.9, *, history_length: int = 1000,
     MLSP 2020 (https://arxiv.org/abs/2007.14469).
 
   Example:
-    >>> tx = optax.chain(ostab.autoclip(0.9, scope="leaf"), optax.adam(1e-3))
+    >>> tx = ostab.autoclip(0.9, scope="leaf")
+    >>> state, update = tx.init({"w": jnp.zeros(1)}), jax.jit(tx.update)
+    >>> for norm in [1.0, 2.0, 3.0, 100.0]:
+    ...   updates, state = update({"w": jnp.array([norm])}, state)
+    >>> print(jnp.round(updates["w"], 4))  # the 0.9 quantile of the earlier norms 1, 2, 3
+    [2.8]
   """
   return _clip(policies.quantile(quantile, history_length=history_length),
                AutoClipState, scope, stacked, exclude, axis_name)
@@ -369,7 +401,12 @@ def zclip(*, decay: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5,
     (https://arxiv.org/abs/2504.02507).
 
   Example:
-    >>> tx = optax.chain(ostab.zclip(z_thresh=2.5), optax.adamw(3e-4))
+    >>> tx = ostab.zclip(z_thresh=2.5, warmup_steps=3)
+    >>> state, update = tx.init({"w": jnp.zeros(1)}), jax.jit(tx.update)
+    >>> for norm in [0.2, 0.3, 0.25, 0.3, 0.9]:
+    ...   updates, state = update({"w": jnp.array([norm])}, state)
+    >>> print(jnp.round(updates["w"], 4), ostab.stats(state)["zclip/spike_fraction"])
+    [0.2678] 1.0
   """
   policy = policies.zscore(decay=decay, z_thresh=z_thresh, max_norm=max_norm, eps=eps,
                            warmup_steps=warmup_steps, mode=mode, clip_option=clip_option,
@@ -410,7 +447,12 @@ def adagc(*, decay: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.
     2025 (https://arxiv.org/abs/2502.11034).
 
   Example:
-    >>> tx = optax.chain(ostab.adagc(), optax.adam(1e-3))
+    >>> tx = ostab.adagc(warmup_steps=2)
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> updates, state = tx.update({"w": jnp.array([0.5])}, state)  # warm-up: gamma = 0.5
+    >>> updates, state = tx.update({"w": jnp.array([3.0])}, state)
+    >>> print(jnp.round(updates["w"], 4))  # lambda_rel x gamma = 1.05 x 0.5
+    [0.525]
   """
   return _clip(policies.adagc(decay=decay, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
                               warmup_steps=warmup_steps, eps=eps),

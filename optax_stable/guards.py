@@ -65,7 +65,12 @@ def skip_nonfinite(
     state is a `SkipNonfiniteState`.
 
   Example:
+    >>> params = {"w": jnp.ones(2)}
     >>> tx = ostab.skip_nonfinite(optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)))
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, jnp.nan])}, state, params)
+    >>> print(updates["w"], ostab.stats(state)["skip_nonfinite/total_skips"])
+    [0. 0.] 1
   """
   _validation.check_transform("inner", inner)
   _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
@@ -188,8 +193,13 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
     Adam Instability in Large-Scale Machine Learning, 2023 (https://arxiv.org/abs/2304.09871).
 
   Example:
-    >>> tx = ostab.skip_spikes(optax.adamw(3e-4), z_thresh=6.0)
-    >>> updates, state = tx.update(grads, state, params, value=loss)
+    >>> params, grads = {"w": jnp.ones(2)}, {"w": jnp.full(2, 0.1)}
+    >>> tx = ostab.skip_spikes(optax.adamw(3e-4), z_thresh=6.0, warmup_steps=4)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
+    >>> for loss in [1.0, 1.1, 0.9, 1.0, 50.0]:
+    ...   updates, state = update(grads, state, params, value=loss)
+    >>> print(updates["w"], ostab.stats(state)["skip_spikes/total_skips"])
+    [0. 0.] 1
   """
   _validation.check_transform("inner", inner)
   _validation.check_positive("z_thresh", z_thresh)

@@ -110,7 +110,11 @@ def path_mask(
     A function mapping a pytree to a pytree of the same structure with a bool per leaf.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+    ...           "norm": {"scale": jnp.ones(2)}}
     >>> no_bias_or_norm = ostab.path_mask(exclude=[r"bias$", r"scale$"])
+    >>> no_bias_or_norm(params)
+    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
     >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=no_bias_or_norm)
   """
   include_res = compile_regexes("include", include)

@@ -61,7 +61,12 @@ def fixed(max_norm: float | jax.Array) -> ThresholdPolicy:
     A `ThresholdPolicy` without state.
 
   Example:
+    >>> grads = {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.full(2, 2.0)},
+    ...          "head": {"kernel": jnp.full((2, 1), 0.1)}}
     >>> tx = ostab.clip(ostab.policies.fixed(1.0), scope="layer")
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> print(round(float(optax.tree.norm(updates["dense"])), 4), updates["head"]["kernel"][:, 0])
+    1.0 [0.1 0.1]
   """
   _validation.check_positive("max_norm", max_norm)
 
@@ -89,7 +94,12 @@ def relative_to_params(clipping: float | jax.Array, *,
     ICML 2021 (https://arxiv.org/abs/2102.06171).
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> tx = ostab.clip(ostab.policies.relative_to_params(0.01), scope="layer")
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(round(float(optax.tree.norm(updates)), 4))  # 0.01 x the layer's norm sqrt(6)
+    0.0245
   """
   _validation.check_positive("clipping", clipping)
   _validation.check_non_negative("eps", eps)
@@ -162,6 +172,11 @@ def quantile(quantile: float | jax.Array = 0.9, *,
 
   Example:
     >>> tx = ostab.clip(ostab.policies.quantile(0.9, history_length=1000), scope="leaf")
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for norm in [1.0, 2.0, 3.0, 100.0]:
+    ...   updates, state = tx.update({"w": jnp.array([norm])}, state)
+    >>> print(jnp.round(updates["w"], 4), ostab.stats(state)["clip/history_filled"])
+    [2.8] 4
   """
   _validation.check_interval("quantile", quantile, 0.0, 1.0, True, True)
   _validation.check_static_int("history_length", history_length, 1)
@@ -271,7 +286,14 @@ def zscore(*, decay: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5
     (`zclip.ZClip`, whose `alpha` is our `decay` and `max_grad_norm` our `max_norm`).
 
   Example:
-    >>> tx = ostab.clip(ostab.policies.zscore(z_thresh=2.5), scope="layer")
+    >>> tx = ostab.clip(ostab.policies.zscore(z_thresh=2.5, warmup_steps=3), scope="layer")
+    >>> state = tx.init({"a": {"w": jnp.zeros(1)}, "b": {"w": jnp.zeros(1)}})
+    >>> update = jax.jit(tx.update)
+    >>> for norm in [0.2, 0.3, 0.25, 0.3, 0.9]:  # layer "b" spikes at the last step
+    ...   grads = {"a": {"w": jnp.array([0.25])}, "b": {"w": jnp.array([norm])}}
+    ...   updates, state = update(grads, state)
+    >>> print(updates["a"]["w"], jnp.round(updates["b"]["w"], 4))
+    [0.25] [0.2678]
   """
   _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_positive("z_thresh", z_thresh)
@@ -376,7 +398,11 @@ def adagc(*, decay: float | jax.Array = 0.98, lambda_abs: float | jax.Array = 1.
     `pytorch_optimizer.AdaGC` (package `pytorch-optimizer`).
 
   Example:
+    >>> grads = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.0])}
     >>> tx = ostab.clip(ostab.policies.adagc(), scope="leaf")
+    >>> updates, state = tx.update(grads, tx.init(grads))
+    >>> print(round(float(optax.tree.norm(updates)), 4))  # step 1: global norm 5 -> lambda_abs
+    1.0
   """
   _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
   _validation.check_positive("lambda_abs", lambda_abs)

@@ -53,7 +53,7 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
     eps: Adam's epsilon and AdaGC's floor.
 
   Returns:
-    An `optax.GradientTransformation`; `update` needs `params` when `weight_decay` is non-zero.
+    An `optax.GradientTransformation` whose `update` requires `params`.
 
   References:
     Wang et al., AdaGC: Improving Training Stability for Large Language Model Pretraining,
@@ -61,7 +61,12 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
     `pytorch_optimizer.AdaGC`.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> tx = ostab.recipes.adagc(learning_rate=3e-4, warmup_steps=500)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(jnp.round(updates["dense"]["kernel"][0], 6))  # -lr x (Adam's 1 + 0.1 x param)
+    [-0.00033 -0.00033]
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
   return optax.chain(
@@ -135,7 +140,12 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: f
     `pytorch_optimizer.SPAM`.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
+    >>> grads = jax.tree.map(jnp.ones_like, params)
     >>> tx = ostab.recipes.spam(1e-3, reset_every_k=500)
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(jnp.round(updates["dense"]["bias"], 6))  # first step: -lr x sign(grad)
+    [-0.001 -0.001]
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
   _validation.check_non_negative("threshold", threshold)
@@ -205,7 +215,7 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
         -> scale_by_learning_rate(learning_rate)
         -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
   ```
-  (`accumulate` only when `every_k > 1`, `skip_nonfinite` only when asked.) The
+  (`accumulate` only when `every_k > 1`, `skip_nonfinite` unless `skip_nonfinite=False`.) The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
   decay is AdamW's, proportional to the learning rate, masked off biases and norm scales. The
   default clipping keeps zclip's absolute cap (`max_norm=1.0`) besides its adaptive threshold:
@@ -234,7 +244,14 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
     ZClip, 2025 (https://arxiv.org/abs/2504.02507).
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}}
     >>> tx = ostab.recipes.robust_adamw(3e-4, weight_decay=0.1, every_k=4)
+    >>> state, update = tx.init(params), jax.jit(tx.update)
+    >>> for loss in [1.0, 1.2, 0.8, 1.0]:  # 4 micro-batches, one real step
+    ...   grads = jax.tree.map(lambda p: jnp.full_like(p, loss), params)
+    ...   updates, state = update(grads, state, params, value=loss)
+    >>> print(jnp.round(updates["dense"]["kernel"][0], 6), jnp.round(updates["dense"]["bias"], 6))
+    [-0.00033 -0.00033] [-0.0003 -0.0003]
   """
   _check_adam(learning_rate, b1, b2, eps, weight_decay)
   _validation.check_static_int("every_k", every_k, 1)

@@ -76,7 +76,12 @@ def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Arra
     ICLR 2025 (https://arxiv.org/abs/2501.06842).
 
   Example:
-    >>> tx = optax.chain(ostab.spike_clip(5000.0), optax.adam(1e-3))
+    >>> tx = ostab.spike_clip(5000.0, warmup_steps=2)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 50.0])}, state)
+    >>> print(jnp.round(updates["w"], 4), ostab.stats(state)["spike_clip/clipped_fraction"])
+    [1. 2.2361] 0.5
   """
   _validation.check_positive("threshold", threshold)
   _validation.check_interval("decay", decay, 0.0, 1.0, False, False)
@@ -147,7 +152,12 @@ def periodic_reset(inner: optax.GradientTransformation,
     ICLR 2025 (https://arxiv.org/abs/2501.06842).
 
   Example:
-    >>> tx = ostab.periodic_reset(optax.scale_by_adam(), 500)
+    >>> tx = ostab.periodic_reset(optax.scale_by_adam(), 3)
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for _ in range(3):
+    ...   updates, state = tx.update({"w": jnp.ones(1)}, state)
+    >>> print(state.inner_state.count)  # the third step ran on a fresh Adam state
+    1
   """
   _validation.check_transform("inner", inner)
   _validation.check_static_int("every_k", every_k, 1)
@@ -197,6 +207,9 @@ def scale_by_adam_moments(*, b1: float | jax.Array = 0.9, b2: float | jax.Array 
 
   Example:
     >>> tx = ostab.periodic_reset(ostab.scale_by_adam_moments(), 500)
+    >>> updates, state = tx.update({"w": jnp.ones(1)}, tx.init({"w": jnp.zeros(1)}))
+    >>> print(round(float(updates["w"][0]), 4))  # (1 - b1) / sqrt(1 - b2): no bias correction
+    3.1623
   """
   _check_adam_moments(b1, b2, eps)
 

@@ -41,8 +41,14 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
     A dict from readable names to scalar arrays, ready for a metrics writer.
 
   Example:
-    >>> updates, opt_state = tx.update(grads, opt_state, params)
-    >>> writer.write_scalars(step, ostab.stats(opt_state))
+    >>> params = {"w": jnp.zeros(2)}
+    >>> tx = optax.chain(ostab.clip_by_norm(1.0), optax.adam(1e-3))
+    >>> opt_state = tx.init(params)
+    >>> updates, opt_state = tx.update({"w": jnp.array([3.0, 4.0])}, opt_state, params)
+    >>> {name: round(float(value), 4) for name, value in ostab.stats(opt_state).items()}
+    {'clip_by_norm/grad_norm': 5.0, 'clip_by_norm/clipped_norm': 1.0,
+     'clip_by_norm/max_group_norm': 5.0, 'clip_by_norm/threshold': 1.0, 'clip_by_norm/scale': 0.2,
+     'clip_by_norm/clipped_fraction': 1.0, 'clip_by_norm/nonfinite_steps': 0.0}
   """
   report: dict[str, jax.Array] = {}
   seen: dict[str, int] = {}

@@ -36,6 +36,10 @@ def default_decay_mask(params: Any) -> Any:
     A pytree of the same structure with a Python bool per leaf.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)},
+    ...           "norm": {"scale": jnp.ones(2)}}
+    >>> ostab.default_decay_mask(params)
+    {'dense': {'bias': False, 'kernel': True}, 'norm': {'scale': False}}
     >>> tx = optax.adamw(1e-3, weight_decay=1e-4, mask=ostab.default_decay_mask)
   """
 
@@ -111,9 +115,15 @@ def decoupled_weight_decay(weight_decay: optax.ScalarOrSchedule, *,
     Transformer training instabilities, 2023 (https://arxiv.org/abs/2309.14322).
 
   Example:
+    >>> lr = 1e-2
+    >>> params = {"dense": {"kernel": jnp.ones((3, 2)), "bias": jnp.ones(2)}}
     >>> tx = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr),
-    ...                  ostab.decoupled_weight_decay(1e-4, learning_rate=lr,
+    ...                  ostab.decoupled_weight_decay(0.1, learning_rate=lr,
     ...                                               mask=ostab.default_decay_mask))
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, _ = tx.update(grads, tx.init(params), params)  # -lr x (Adam's 1 + 0.1 x param)
+    >>> print(jnp.round(updates["dense"]["kernel"][0], 6), jnp.round(updates["dense"]["bias"], 6))
+    [-0.011 -0.011] [-0.01 -0.01]
   """
   decay_at = _as_schedule("weight_decay", weight_decay)
   lr_at = None if learning_rate is None else _as_schedule("learning_rate", learning_rate)
@@ -162,6 +172,11 @@ def add_l2_penalty(coeff: float | jax.Array, *, mask: Mask = None) -> optax.Grad
     Loshchilov and Hutter, Decoupled Weight Decay Regularization, ICLR 2019.
 
   Example:
+    >>> params = {"w": jnp.array([1.0, -2.0])}
+    >>> penalty = ostab.add_l2_penalty(0.1)
+    >>> grads, _ = penalty.update({"w": jnp.zeros(2)}, penalty.init(params), params)
+    >>> print(grads["w"])  # the gradient of 0.1 / 2 x ||w||**2
+    [ 0.1 -0.2]
     >>> tx = optax.chain(ostab.add_l2_penalty(1e-4), optax.adam(1e-3))
   """
   return _coupled_penalty(coeff, mask, lambda p: p)
@@ -184,6 +199,12 @@ def add_l1_penalty(coeff: float | jax.Array, *, mask: Mask = None) -> optax.Grad
     Tibshirani, Regression Shrinkage and Selection via the Lasso, JRSS B 1996.
 
   Example:
+    >>> params = {"dense": {"kernel": jnp.array([[2.0, -3.0]]), "bias": jnp.array([1.0, -1.0])}}
+    >>> penalty = ostab.add_l1_penalty(0.1, mask=ostab.default_decay_mask)
+    >>> grads = jax.tree.map(jnp.zeros_like, params)
+    >>> grads, _ = penalty.update(grads, penalty.init(params), params)
+    >>> print(grads["dense"]["kernel"], grads["dense"]["bias"])  # 0.1 x sign(param), masked
+    [[ 0.1 -0.1]] [0. 0.]
     >>> tx = optax.chain(ostab.add_l1_penalty(1e-5, mask=ostab.default_decay_mask),
     ...                  optax.sgd(1e-2))
   """

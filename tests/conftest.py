@@ -18,6 +18,9 @@ hypothesis.settings.register_profile(
     suppress_health_check=[hypothesis.HealthCheck.too_slow])
 hypothesis.settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
+# Scripts that `test_multidevice.py` runs in subprocesses: they run (and need 8 devices) at
+# import, so `--doctest-modules` (pyproject.toml) must not collect them.
+collect_ignore_glob = ["multidevice/*.py"]
 
 
 def float_tolerance(dtype, depth: int) -> float:
