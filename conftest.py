@@ -17,3 +17,9 @@ import optax_stable as ostab
 def _doctest_namespace(doctest_namespace):
   """Names every docstring example may use without importing them."""
   doctest_namespace.update(ostab=ostab, optax=optax, jax=jax, jnp=jnp, np=np)
+
+
+try:
+  import flax  # noqa: F401  pylint: disable=unused-import
+except ImportError:  # the `flax` extra is optional; its one example needs it
+  collect_ignore = ["optax_stable/integration.py"]
