@@ -51,8 +51,10 @@ def skip_nonfinite(
   stalling. With `None` (default), non-finite steps are always skipped; watch
   `skip_nonfinite/consecutive_skips` in `optax_stable.stats`.
 
-  Unlike `optax.apply_if_finite`, the test happens before `inner` runs, on the gradient itself,
-  so transforms inside `inner` that turn NaN into finite values cannot hide it.
+  As in `optax.apply_if_finite`, the test is on the incoming gradient, before `inner` runs, so
+  transforms inside `inner` that turn NaN into finite values cannot hide it. Unlike it, the
+  limit on consecutive skips is optional, `axis_name` makes every device skip together, and a
+  new inner state is cast back to the old one's dtypes (low-precision params).
 
   Args:
     inner: the transform to guard, typically the whole optimizer chain.

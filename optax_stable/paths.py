@@ -2,7 +2,7 @@
 
 Every leaf of a pytree has a key path (`jax.tree_util.tree_flatten_with_path`). We render it as
 `"a/b/kernel"`: dict keys and attribute names as they are, sequence indices as numbers. Flax NNX
-`Variable`s flatten through a trailing `.value` attribute; that component is dropped, so the
+`Variable` objects flatten through a trailing `.value` attribute; that component is dropped, so the
 parameters of an NNX model and their (raw-array) gradients have the same path strings, and both
 match what a Linen user sees in the params dict.
 """

@@ -250,11 +250,13 @@ def zscore(*, decay: float | jax.Array = 0.97, z_thresh: float | jax.Array = 2.5
   Warm-up: the first `warmup_steps` norms are collected (only the `max_norm` cap clips), then
   the EMA mean and variance start from their mean and population variance. Afterwards, with
   `std = sqrt(var)`:
-    * mode `"zscore"`: `z = (norm - mean) / (std + eps)`; if `z > z_thresh` the norm is a
-      spike and is clipped to `clip_factor * (mean + z_thresh * std / (z / z_thresh))`
-      (`clip_option="adaptive_scaling"`: the larger the outlier, the harder the clip) or to
-      `mean` (`clip_option="mean"`);
-    * mode `"percentile"`: a norm above `mean + z_thresh * std` is clipped to that value.
+
+  * mode `"zscore"`: `z = (norm - mean) / (std + eps)`; if `z > z_thresh` the norm is a
+    spike and is clipped to `clip_factor * (mean + z_thresh * std / (z / z_thresh))`
+    (`clip_option="adaptive_scaling"`: the larger the outlier, the harder the clip) or to
+    `mean` (`clip_option="mean"`);
+  * mode `"percentile"`: a norm above `mean + z_thresh * std` is clipped to that value.
+
   The EMA then absorbs the clipped value of a spike (or the norm itself): first
   `mean = decay * mean + (1 - decay) * x`, then `var = decay * var + (1 - decay) * (x - mean)**2`
   with the new mean, as the reference does; with `skip_update_on_spike`, spikes leave the EMA

@@ -33,9 +33,10 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
           eps: float = 1e-8) -> optax.GradientTransformation:
   """AdaGC as a whole optimizer: per-tensor adaptive clipping, Adam, decoupled weight decay.
 
-  ```
-  grads -> adagc clip (per leaf) -> scale_by_adam -> + weight_decay * params -> x -lr
-  ```
+  ::
+
+    grads -> adagc clip (per leaf) -> scale_by_adam -> + weight_decay * params -> x -lr
+
   The decay is AdamW's (`p <- p - lr * (adam_update + weight_decay * p)`, which is
   `pytorch_optimizer.AdaGC`'s `p *= 1 - lr * weight_decay` before the Adam step), applied to
   every parameter, as the reference does. `eps` serves both the clipping floor and Adam.
@@ -106,12 +107,13 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: f
          clip_warmup_steps: int = 20) -> optax.GradientTransformation:
   """SPAM: Adam with element-wise spike clipping, momentum resets and post-reset warm-up.
 
-  ```
-  grads -> spike_clip (threshold x running mean square; paused clip_warmup_steps after resets)
-        -> periodic_reset(scale_by_adam_moments, reset_every_k)            m / (sqrt(v) + eps)
-        -> x sqrt(1 - b2**k) / (1 - b1**k) x cosine warm-up after each reset (global step k)
-        -> x -lr -> then params decay as p <- (p + update) * (1 - lr * weight_decay)
-  ```
+  ::
+
+    grads -> spike_clip (threshold x running mean square; paused clip_warmup_steps after resets)
+          -> periodic_reset(scale_by_adam_moments, reset_every_k)            m / (sqrt(v) + eps)
+          -> x sqrt(1 - b2**k) / (1 - b1**k) x cosine warm-up after each reset (global step k)
+          -> x -lr -> then params decay as p <- (p + update) * (1 - lr * weight_decay)
+
   Matches `pytorch_optimizer.SPAM(density=1.0)` step for step, including its choices: the
   bias correction counts global steps while the moments restart at zero (hence the warm-up),
   `eps` is added to the uncorrected `sqrt(v)`, and decay multiplies the already updated
@@ -206,15 +208,16 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
                  ) -> optax.GradientTransformationExtraArgs:
   """AdamW behind the library's guards: the recommended chain for stable training, in one call.
 
-  ```
-  micro-batch grads
-    -> accumulate(every_k)                      mean of k micro-batches, NaN ones dropped
-      -> skip_nonfinite                         NaN/Inf step: zero update, no state change
-        -> clip (default zclip)                 adaptive threshold, capped at max_norm=1.0
-        -> scale_by_adam(b1, b2, eps)
-        -> scale_by_learning_rate(learning_rate)
-        -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
-  ```
+  ::
+
+    micro-batch grads
+      -> accumulate(every_k)                      mean of k micro-batches, NaN ones dropped
+        -> skip_nonfinite                         NaN/Inf step: zero update, no state change
+          -> clip (default zclip)                 adaptive threshold, capped at max_norm=1.0
+          -> scale_by_adam(b1, b2, eps)
+          -> scale_by_learning_rate(learning_rate)
+          -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
+
   (`accumulate` only when `every_k > 1`, `skip_nonfinite` unless `skip_nonfinite=False`.) The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
   decay is AdamW's, proportional to the learning rate, masked off biases and norm scales. The

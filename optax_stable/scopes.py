@@ -398,7 +398,7 @@ def describe_groups(params: Any, *, scope: Scope, stacked: Stacked = None,
 
   Takes the same `scope`, `stacked` and `exclude` as the clipping transforms and raises the
   same errors (a pattern that matches no leaf, leaves of one group that disagree on their
-  stacked shape). Works on arrays and on `jax.ShapeDtypeStruct`s.
+  stacked shape). Works on arrays and on `jax.ShapeDtypeStruct` objects.
 
   Args:
     params: the parameter (or gradient) tree.
