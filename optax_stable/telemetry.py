@@ -1,5 +1,6 @@
 """`stats`: the scalars every optax_stable transform recorded, from any optimizer state."""
 
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -50,7 +51,16 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
      'clip_by_norm/max_group_norm': 5.0, 'clip_by_norm/threshold': 1.0, 'clip_by_norm/scale': 0.2,
      'clip_by_norm/clipped_fraction': 1.0, 'clip_by_norm/nonfinite_steps': 0.0}
   """
-  report: dict[str, jax.Array] = {}
+  return {f"{prefix}/{key}": value for prefix, node in _reporting_states(opt_state)
+          for key, value in _unwrapped(node).telemetry().items()}
+
+
+def _reporting_states(opt_state: Any) -> Iterator[tuple[str, Any]]:
+  """`(prefix, state)` of every state in `opt_state` that reports telemetry, in `stats` order.
+
+  A transform used twice gets the prefixes `name` and `name_2`; states of wrapped transforms
+  follow their wrapper's.
+  """
   seen: dict[str, int] = {}
 
   def walk(tree):
@@ -59,10 +69,7 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
         continue
       name = node.telemetry_name
       seen[name] = seen.get(name, 0) + 1
-      prefix = name if seen[name] == 1 else f"{name}_{seen[name]}"
-      for key, value in _unwrapped(node).telemetry().items():
-        report[f"{prefix}/{key}"] = value
-      walk(tuple(node))  # wrapped transforms' states report too
+      yield (name if seen[name] == 1 else f"{name}_{seen[name]}"), node
+      yield from walk(tuple(node))  # wrapped transforms' states report too
 
-  walk(opt_state)
-  return report
+  yield from walk(opt_state)

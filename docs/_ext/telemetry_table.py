@@ -25,6 +25,7 @@ from sphinx.util import logging
 from sphinx.util.docutils import SphinxDirective
 
 import optax_stable as ostab
+from optax_stable import telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -86,38 +87,21 @@ def _attribute_docs(cls: type) -> dict[str, str]:
   return docs
 
 
-def _reports(node: Any) -> bool:
-  # The rule `ostab.stats` uses (optax_stable/telemetry.py).
-  return isinstance(node, tuple) and callable(getattr(node, "telemetry", None)) and hasattr(
-      node, "telemetry_name")
-
-
 def _describe(opt_state: Any) -> list[tuple[str, str, str]]:
   """`[(stats key, reporting class, meaning or "")]`, in the order `ostab.stats` uses."""
   rows: list[tuple[str, str, str]] = []
-  seen: dict[str, int] = {}
-
-  def walk(tree):
-    for node in jax.tree.leaves(tree, is_leaf=_reports):
-      if not _reports(node):
-        continue
-      name = node.telemetry_name
-      seen[name] = seen.get(name, 0) + 1
-      prefix = name if seen[name] == 1 else f"{name}_{seen[name]}"
-      own = _attribute_docs(type(node))
-      policy = getattr(node, "policy_state", None)
-      policy_keys = ()
-      if callable(getattr(policy, "telemetry", None)):
-        policy_keys = tuple(policy.telemetry())
-      for key in node.telemetry():
-        source = type(policy) if key in policy_keys else type(node)
-        meaning = POLICY_KEYS.get((source.__name__, key))
-        if meaning is None and source is type(node):
-          meaning = own.get(key, "")
-        rows.append((f"{prefix}/{key}", source.__name__, meaning or ""))
-      walk(tuple(node))
-
-  walk(opt_state)
+  for prefix, node in telemetry._reporting_states(opt_state):
+    own = _attribute_docs(type(node))
+    policy = getattr(node, "policy_state", None)
+    policy_keys = ()
+    if callable(getattr(policy, "telemetry", None)):
+      policy_keys = tuple(policy.telemetry())
+    for key in node.telemetry():
+      source = type(policy) if key in policy_keys else type(node)
+      meaning = POLICY_KEYS.get((source.__name__, key))
+      if meaning is None and source is type(node):
+        meaning = own.get(key, "")
+      rows.append((f"{prefix}/{key}", source.__name__, meaning or ""))
   return rows
 
 
