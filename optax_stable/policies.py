@@ -1,7 +1,7 @@
 """How large a norm may be: threshold policies for `optax_stable.clip`.
 
-A policy maps the group norms (a norm container: one float32 vector, or per-leaf arrays at
-scope "unit"; see `optax_stable.scopes`) to thresholds of the same layout, and may keep array
+A policy maps the group norms (a norm container: a tuple with one float32 array per group, or
+one float32 vector; see `optax_stable.scopes`) to thresholds of the same layout, and may keep array
 state across steps (a history of norms, EMA statistics). Each entry is an independent group and
 policies map over the container's arrays (`scopes.map_groups`), so every policy works at every
 scope and per-group statistics are laid out (and sharded) like the norms. The clipping
