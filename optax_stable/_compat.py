@@ -11,9 +11,9 @@ import jax
 
 
 def _find_reshard() -> Any:
-  reshard = getattr(jax.sharding, "reshard", None)  # JAX >= 0.6
+  reshard = getattr(jax.sharding, "reshard", None)  # JAX >= 0.7
   if reshard is None:
-    try:  # JAX 0.5: explicit sharding was experimental
+    try:  # JAX 0.5 and 0.6: explicit sharding was experimental
       from jax.experimental.shard import reshard  # pylint: disable=import-outside-toplevel
     except ImportError:
       return None
@@ -23,14 +23,9 @@ def _find_reshard() -> Any:
 _reshard = _find_reshard()
 
 
-def typeof(x: Any) -> Any:
-  """`jax.typeof(x)`: the abstract value (shape, dtype, and sharding where types carry one)."""
-  return jax.typeof(x) if hasattr(jax, "typeof") else jax.core.get_aval(x)
-
-
 def sharding_spec(x: Any) -> Any:
   """The `PartitionSpec` in `x`'s type (explicit mesh axes), or None where types carry none."""
-  return getattr(getattr(typeof(x), "sharding", None), "spec", None)
+  return getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
 
 
 def reshard_like(x: jax.Array, like: Any) -> jax.Array:

@@ -13,16 +13,11 @@ def _reports(node: Any) -> bool:
       node, "telemetry_name")
 
 
-def _is_variable(node: Any) -> bool:
-  # Flax NNX wraps optimizer-state arrays in Variables.
-  return _compat.is_nnx_variable(node)
-
-
 def _unwrapped(node: Any) -> Any:
-  """`node` with every NNX Variable inside replaced by its array."""
-  leaves, treedef = jax.tree_util.tree_flatten(node, is_leaf=_is_variable)
-  return treedef.unflatten([_compat.nnx_variable_value(leaf) if _is_variable(leaf) else leaf
-                            for leaf in leaves])
+  """`node` with every NNX Variable (how Flax NNX wraps optimizer-state arrays) unwrapped."""
+  leaves, treedef = jax.tree_util.tree_flatten(node, is_leaf=_compat.is_nnx_variable)
+  return treedef.unflatten([_compat.nnx_variable_value(leaf) if _compat.is_nnx_variable(leaf)
+                            else leaf for leaf in leaves])
 
 
 def stats(opt_state: Any) -> dict[str, jax.Array]:
