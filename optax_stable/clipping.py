@@ -108,17 +108,16 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
           f"The gradients do not match the optimizer state of `{state_type.telemetry_name}`: "
           f"they form {partition.size} norm groups ({partition.group_labels[:3]}...), the state "
           "was initialised for a different tree.")
-    norms = partition.norms(updates)
+    norms, finite = partition.norms(updates)
     param_norms = None
     if policy.needs_params:
       if params is None:
         raise ValueError(f"`{state_type.telemetry_name}` needs the parameters: call "
                          "`update(updates, state, params)`.")
       _tree.check_matches(updates, params, "params", against="the gradients")
-      param_norms = partition.norms(params, what="params")
+      param_norms, _ = partition.norms(params, what="params")
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
 
-    finite = _tree.all_finite(norms)
     factors = scopes.map_groups(
         lambda threshold, norm: jnp.where(
             finite, jnp.minimum(1.0, threshold / jnp.maximum(norm, _TINY)), 1.0),

@@ -229,7 +229,7 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
                          "`update(grads, state, params, value=loss)`.")
       watched = _validation.scalar_value("value", extra_args["value"])
     else:
-      watched = global_scope.partition(updates).norms(updates)[0]
+      watched = global_scope.partition(updates).norms(updates)[0][0]
     finite = jnp.isfinite(watched)
     mean, std = _debiased(state)
     live = (state.count >= warmup_steps) & (state.count >= 2)

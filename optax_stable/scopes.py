@@ -169,16 +169,41 @@ class Partition:
     # Inside shard_map/pmap every device holds a slice of each leaf: combine the pieces.
     return values if self.axis_name is None else reduce(values, self.axis_name)
 
-  def norms(self, tree: Any, what: str = "updates") -> NormContainer:
-    """Float32 L2 norm of every group of `tree`, as a norm container (one read of every leaf)."""
+  def norms(self, tree: Any, what: str = "updates") -> tuple[NormContainer, jax.Array]:
+    """Float32 L2 norm of every group of `tree` (one read of every leaf).
+
+    Returns:
+      The norm container, and a boolean scalar: whether every element of every group is
+      finite (the same pass answers it: a NaN or an Inf makes its group's norm non-finite).
+    """
     leaves = self._leaves(tree, what)
 
     def group_sums(leaf_sum):
       return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
 
+    # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
+    # share one broadcast of the group's scale: XLA merges them into one instruction, which
+    # XLA CPU writes out as a leaf-sized buffer and reads beside every such leaf instead of
+    # fusing the multiply into the sum (+1 read of those leaves). Each repeat gets its own
+    # copy of the scale through a barrier XLA cannot see through. Only repeats: barriers on
+    # the leaves of distinct groups are not needed, and made XLA's compile 30x slower.
+    seen = set()
+    is_repeat = []
+    for plan, leaf in zip(self.plans, leaves):
+      if plan is not None:
+        is_repeat.append((plan.group, leaf.shape) in seen)
+        seen.add((plan.group, leaf.shape))
+
     def scaled_squares(scales):
-      def leaf_sum(leaf, plan):
-        scaled = leaf.astype(_compute_dtype(leaf)) * self._group_values(scales, plan)
+      planned = [plan for plan in self.plans if plan is not None]
+      leaf_scales = [self._group_values(scales, plan) for plan in planned]
+      copies = iter(jax.lax.optimization_barrier(
+          tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
+      leaf_scales = iter([next(copies) if repeat else scale
+                          for scale, repeat in zip(leaf_scales, is_repeat)])
+
+      def leaf_sum(leaf, plan):  # called once per grouped leaf, in order
+        scaled = leaf.astype(_compute_dtype(leaf)) * next(leaf_scales)
         return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
       return group_sums(leaf_sum)
 
@@ -190,23 +215,30 @@ class Partition:
     # rewrites (x * c)**2 with a constant c into x**2 * c**2, which overflows again. A loop,
     # not a `lax.cond`: the reductions appear once in the program, so they compile once and
     # XLA's static `cost_analysis()` counts the one read a normal step makes.
+    # The loop also carries the verdict "every element finite": a finite sum of squares means
+    # finite elements, and after the downscaled pass an infinite one means a NaN or an Inf.
+    # Coming out of the loop it is one value; computed outside from the n group sums, XLA
+    # fuses that computation into each of its consumers (each leaf's `where(finite, ...)`):
+    # n fusions of n operands, a compile time that grows with the square of the leaf count.
     def another_pass(carry):
-      passes, _, squares = carry
-      return (passes == 0) | ((passes == 1) & ~_tree.all_finite(squares))
+      passes, _, _, finite = carry
+      return (passes == 0) | ((passes == 1) & ~finite)
 
     def one_pass(carry):
-      passes, scales, squares = carry
+      passes, scales, squares, _ = carry
       scales = map_groups(lambda sq, scale: jnp.where(
           (passes > 0) & jnp.isinf(sq), _OVERFLOW_SCALE, scale), squares, scales)
-      return passes + 1, scales, scaled_squares(scales)
+      squares = scaled_squares(scales)
+      return passes + 1, scales, squares, _tree.all_finite(squares)
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
     # that start it take their type from sums over the same axes, which XLA drops unused.
     ones = map_groups(lambda total: jnp.ones_like(total, jnp.float32), group_sums(
         lambda leaf, plan: jnp.sum(jnp.real(leaf), axis=plan.reduce_axes, dtype=jnp.float32)))
-    _, scales, squares = jax.lax.while_loop(another_pass, one_pass, (0, ones, ones))
-    return map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares, scales)
+    _, scales, squares, finite = jax.lax.while_loop(
+        another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
+    return map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares, scales), finite
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
