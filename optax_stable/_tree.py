@@ -83,6 +83,19 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
   return jax.lax.cond(run, step, keep, state)
 
 
+def keep_where(keep: jax.Array, new_updates: Any, new_state: Any, state: Any) -> tuple[Any, Any]:
+  """Zero updates and `state` where `keep`, else the new ones: `update_or_keep` after the fact.
+
+  For a step whose inner update has run anyway (its verdict came out of the inner chain's own
+  norm pass): XLA fuses each `where` into the kernel that computes the new value, so keeping
+  costs no memory traffic. `keep` must be one opaque value, such as a loop's output: a
+  predicate XLA can fuse is copied into every leaf's kernel, and compile time grows with the
+  square of the leaf count.
+  """
+  updates = jax.tree.map(lambda u: jnp.where(keep, jnp.zeros_like(u), u), new_updates)
+  return updates, select(keep, state, cast_like(new_state, state))
+
+
 def check_matches(expected: Any, actual: Any, what: str,
                   against: str = "the optimizer state") -> None:
   """Raises a `ValueError` naming the first path where `actual` differs from `expected`.

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_stable import _finite_verdict
 from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import paths
@@ -109,6 +110,8 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
           f"they form {partition.size} norm groups ({partition.group_labels[:3]}...), the state "
           "was initialised for a different tree.")
     norms, finite = partition.norms(updates)
+    if partition.complete:
+      _finite_verdict.offer(updates, finite)  # an enclosing `skip_nonfinite` need not read them
     param_norms = None
     if policy.needs_params:
       if params is None:

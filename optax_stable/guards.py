@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_stable import _finite_verdict
 from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import scopes
@@ -77,6 +78,7 @@ def skip_nonfinite(
   _validation.check_transform("inner", inner)
   _validation.check_static_int("max_consecutive", max_consecutive, 1, allow_none=True)
   inner = optax.with_extra_args_support(inner)
+  own_norm_pass = scopes.Grouping("global", axis_name=axis_name)
 
   def init_fn(params):
     count = lambda: jnp.zeros((), jnp.int32)  # a buffer per field, so the state can be donated
@@ -85,13 +87,27 @@ def skip_nonfinite(
                               consecutive_skips=count())
 
   def update_fn(updates, state, params=None, **extra_args):
-    nonfinite = jnp.logical_not(_tree.all_finite(updates, axis_name))
-    skip = nonfinite
+    # "Is every element finite?" comes out of a norm pass's loop (`scopes.Partition.norms`):
+    # that of a clip at the head of `inner` which measures all of the gradient (see
+    # `_finite_verdict`), so the guard reads nothing, or else a global one of the guard's own.
+    # `inner` runs unconditionally and a skipped step is undone by `where`s that XLA fuses into
+    # `inner`'s own kernels. The verdict must come out of a loop: XLA copies a predicate it can
+    # fuse into every leaf's kernel, a compile time quadratic in the number of leaves.
+    with _finite_verdict.watch(updates) as watch:
+      new_updates, new_inner_state = inner.update(updates, state.inner_state, params,
+                                                  **extra_args)
+    if watch.verdict is None:
+      finite = own_norm_pass.partition(updates).norms(updates)[1]
+    else:
+      finite = watch.verdict
+      if axis_name is not None:
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+    skip = ~finite
     if max_consecutive is not None:
       skip = skip & (state.consecutive_skips < max_consecutive)
-    new_updates, inner_state = _tree.update_or_keep(
-        ~skip, lambda inner_state: inner.update(updates, inner_state, params, **extra_args),
-        updates, state.inner_state)
+    new_updates, inner_state = _tree.keep_where(skip, new_updates, new_inner_state,
+                                                state.inner_state)
+    nonfinite = ~finite
     skipped = skip.astype(jnp.int32)
     return new_updates, SkipNonfiniteState(
         inner_state=inner_state,

@@ -100,8 +100,9 @@ class Partition:
 
   def __init__(self, treedef: Any, plans: list[_LeafPlan | None],
                group_shapes: list[tuple[int, ...]], group_labels: list[str],
-               axis_name: AxisName = None, group_arrays: bool = True):
+               axis_name: AxisName = None, group_arrays: bool = True, complete: bool = False):
     self.treedef = treedef
+    self.complete = complete  # every float leaf is in a group: norms read all of the tree
     self.axis_name = axis_name
     self.plans = plans
     self.group_labels = group_labels
@@ -363,8 +364,10 @@ class Grouping:
     labels: dict[str, int] = {}
     group_shapes: list[tuple[int, ...]] = []
     plans: list[_LeafPlan | None] = []
+    complete = True
     for path, leaf in keyed_leaves:
       if not _is_float(leaf) or paths.matches_any(path, self.exclude):
+        complete = complete and not _is_float(leaf)
         plans.append(None)
         continue
       stack_axis = None if self.scope == "global" else self._stack_axis(path, leaf)
@@ -384,7 +387,7 @@ class Grouping:
           reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
           kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
     return Partition(treedef, plans, group_shapes, list(labels), self.axis_name,
-                     group_arrays=group_arrays or self.scope == "unit")
+                     group_arrays=group_arrays or self.scope == "unit", complete=complete)
 
 
 class GroupInfo(NamedTuple):

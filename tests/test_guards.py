@@ -53,6 +53,37 @@ def test_skipped_step_leaves_the_run_as_if_it_never_happened(guarded):
                guarded_state.inner_state, clean)
 
 
+@pytest.mark.parametrize("inner", [
+    # The clip measures the gradient: the guard takes its verdict from the clip's norms.
+    optax.chain(ostab.clip_by_norm(1.0, scope="unit"), optax.adam(1e-2)),
+    # The clip leaves "b" out, or sees a transformed gradient: the guard reads it itself.
+    optax.chain(ostab.clip_by_norm(1.0, scope="leaf", exclude="^b$"), optax.adam(1e-2)),
+    optax.chain(optax.scale(2.0), ostab.clip_by_global_norm(1.0), optax.adam(1e-2)),
+    optax.adam(1e-2),
+], ids=["clip_first", "clip_excludes", "clip_second", "no_clip"])
+@pytest.mark.parametrize("bad_leaf", ["w", "b"])
+def test_every_nonfinite_leaf_is_caught_with_or_without_a_clip_to_ask(inner, bad_leaf):
+  tx = ostab.skip_nonfinite(inner, max_consecutive=1)
+  params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+  good = {"w": jnp.full((3, 2), 0.5), "b": jnp.full((2,), 2.0)}
+  update = jax.jit(tx.update)
+  _, state = update(good, tx.init(params), params)
+  huge = {**good, bad_leaf: jnp.full_like(good[bad_leaf], 3e38)}  # its squares overflow
+  _, not_skipped = update(huge, state, params)
+  assert not bool(not_skipped.skipped) and not bool(not_skipped.nonfinite)
+  bad = {**good, bad_leaf: good[bad_leaf].at[0].set(jnp.inf)}
+  updates, skipped = update(bad, state, params)
+  assert bool(skipped.skipped) and bool(skipped.nonfinite)
+  assert all(not np.any(np.asarray(u)) for u in jax.tree.leaves(updates))
+  assert _tree_equal(skipped.inner_state, state.inner_state)
+  # After max_consecutive skips the step goes through, and the good step after it counts.
+  updates, passed = update(bad, skipped, params)
+  assert not bool(passed.skipped) and int(passed.total_skips) == 1
+  assert not np.all(np.isfinite(np.asarray(updates[bad_leaf])))
+  _, recovered = update(good, skipped, params)
+  assert not bool(recovered.nonfinite) and int(recovered.consecutive_skips) == 0
+
+
 def test_max_consecutive_lets_a_broken_run_surface():
   tx = ostab.skip_nonfinite(optax.sgd(1.0), max_consecutive=2)
   params = {"w": jnp.zeros(2)}
