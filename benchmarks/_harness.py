@@ -30,6 +30,14 @@ def gpt2_tree(d_model: int = 768, n_layer: int = 12, vocab: int = 50257,
   return _random_tree(shapes, seed)
 
 
+def blocks_tree(n_blocks: int = 12, rows: int = 1500, cols: int = 1000,
+                seed: int = 0) -> dict[str, Any]:
+  """`n_blocks` identical blocks, a `(rows, cols)` kernel and a `(cols,)` bias each (18M float32
+  params at the defaults): the repeated leaf shapes of any Transformer, without the rest."""
+  shapes = {f"block_{i:02d}": {"kernel": (rows, cols), "bias": (cols,)} for i in range(n_blocks)}
+  return _random_tree(shapes, seed)
+
+
 def deep_tree(n_leaves: int, width: int = 32, seed: int = 0) -> dict[str, Any]:
   """A very deep MLP: `n_leaves` small float32 leaves (kernel and bias per layer)."""
   shapes = {}

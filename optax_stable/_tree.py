@@ -65,9 +65,9 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
                    state: Any) -> tuple[Any, Any]:
   """`update(state)` when `run`, else zero updates and `state` untouched: the wrappers' step.
 
-  A `lax.cond`, not a `where` over both results: XLA CPU compiles a tree-wide select behind a
-  predicate that depends on every leaf in time superlinear in the number of leaves (minutes
-  at 1,000 leaves), and the conditional also skips the inner work when it does not run. Both
+  A `lax.cond`, not a `where` over both results: `run` (`accumulate`'s "final micro-step with
+  a finite gradient") is not one opaque value, and XLA CPU copies such a predicate into every
+  leaf's select (see `keep_where`); the conditional also skips the inner work. Both
   branches return one type: the new state is cast to the old one's (`cast_like`), and the
   zero updates are built from the real `updates` (an inner update has their shapes and
   sharding), in the dtypes `update` returns.

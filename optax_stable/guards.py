@@ -52,10 +52,13 @@ def skip_nonfinite(
   stalling. With `None` (default), non-finite steps are always skipped; watch
   `skip_nonfinite/consecutive_skips` in `optax_stable.stats`.
 
-  As in `optax.apply_if_finite`, the test is on the incoming gradient, before `inner` runs, so
-  transforms inside `inner` that turn NaN into finite values cannot hide it. Unlike it, the
-  limit on consecutive skips is optional, `axis_name` makes every device skip together, and a
-  new inner state is cast back to the old one's dtypes (low-precision params).
+  As in `optax.apply_if_finite`, the test is on the incoming gradient, so transforms inside
+  `inner` that turn NaN into finite values cannot hide it. Unlike it, the test costs no read
+  of the gradient when `inner` starts with a clipping transform that measures every leaf (its
+  norm pass answers it; otherwise the guard makes one pass of its own), the limit on
+  consecutive skips is optional, `axis_name` makes every device skip together, and a new inner
+  state is cast back to the old one's dtypes (low-precision params). `inner` runs on every
+  step; on a skipped one its results are discarded.
 
   Args:
     inner: the transform to guard, typically the whole optimizer chain.
@@ -186,8 +189,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
   an EMA would otherwise flag every later step), the gradient norm watched is the one before
   any clipping inside `inner`, the statistics are bias-corrected (an EMA variance started at
   zero underestimates the spread for hundreds of steps and flags noise as spikes), and a
-  skipped step does not run `inner` at all (a `lax.cond`), so a non-finite inner update never
-  reaches the parameters.
+  skipped step discards everything `inner` computed, so a non-finite inner update never
+  reaches the parameters or the inner state.
 
   Args:
     inner: the transform to guard, typically the whole optimizer chain.
@@ -266,9 +269,10 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
                         state.var)
     var_weight = jnp.where(grows_var, decay * state.var_weight + (1 - decay), state.var_weight)
 
-    new_updates, inner_state = _tree.update_or_keep(
-        ~skip, lambda inner_state: inner.update(updates, inner_state, params, **extra_args),
-        updates, state.inner_state)
+    # As in `skip_nonfinite`: `skip` is a scalar of the loss, or of a norm that came out of
+    # a loop, so the `where`s compile in linear time and fuse into `inner`'s kernels.
+    new_updates, inner_state = _tree.keep_where(
+        skip, *inner.update(updates, state.inner_state, params, **extra_args), state.inner_state)
     spike_skip = (skip & spike).astype(jnp.int32)
     return new_updates, SkipSpikesState(
         inner_state=inner_state,
