@@ -5,11 +5,14 @@ Build (warnings are errors, nothing is fetched from the network):
   pip install -e ".[docs]"
   sphinx-build -W -b html docs docs/_build/html
 
-Two local extensions live in `docs/_ext/`:
+Three local extensions live in `docs/_ext/`:
 
 * `telemetry_table`: the `telemetry` directive builds a transform with tiny parameters, calls
   `init` and `ostab.stats`, and renders the keys it reports, so the tables cannot go stale.
 * `api_coverage`: fails the build when a public symbol has no entry in the API pages.
+* `benchmark_tables`: the `benchmark-table` directive renders `benchmarks/results.json` through
+  `benchmarks/report.py`, and the build writes the compile-time plot `_static/compile_time.png`
+  from the same file, so the benchmarks page shows the committed results.
 """
 
 import os
@@ -42,6 +45,7 @@ extensions = [
     "myst_nb",
     "telemetry_table",
     "api_coverage",
+    "benchmark_tables",
 ]
 
 # `api/*.rst` pages, MyST Markdown (`.md`, executed when it is a `file_format: mystnb`
