@@ -259,11 +259,20 @@ class Partition:
 
 
 def combined_norm(norms: NormContainer) -> jax.Array:
-  """The L2 norm of the union of groups, from their norms, without overflowing float32."""
-  norms = flat(norms)
-  largest = jnp.max(norms, initial=0.0)
-  safe = jnp.where(largest > 0, largest, 1.0)
-  return largest * jnp.sqrt(jnp.sum(jnp.square(norms / safe)))
+  """The L2 norm of the union of groups, from their norms, without overflowing float32.
+
+  Reduced array by array first, then across the arrays' scalars: joining per-unit norms into
+  one vector would cost a write and a read of it and a kernel with an operand per group.
+  """
+  def largest_and_squares(group):
+    largest = jnp.max(group, initial=0.0)
+    return largest, jnp.sum(jnp.square(group / jnp.where(largest > 0, largest, 1.0)))
+
+  largest, squares = (jnp.stack(jax.tree.leaves(stat))
+                      for stat in map_groups(largest_and_squares, norms, outputs=2))
+  overall = jnp.max(largest)
+  relative = jnp.square(largest / jnp.where(overall > 0, overall, 1.0))
+  return overall * jnp.sqrt(jnp.sum(squares * relative))
 
 
 _OVERFLOW_SCALE = 2.0 ** -80
