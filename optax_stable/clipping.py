@@ -102,7 +102,7 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
 
   def update_fn(updates, state, params=None):
     partition = partition_of(updates)
-    expected = jax.eval_shape(lambda: policy.init(partition.zeros(updates)))
+    expected = jax.eval_shape(policy.init, partition.template())
     if jax.tree.map(jnp.shape, expected) != jax.tree.map(jnp.shape, state.policy_state):
       # Per-group statistics are the only structure a clipping state records.
       raise ValueError(
@@ -143,25 +143,27 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
 
 def _summary(norms: scopes.NormContainer, factors: scopes.NormContainer,
              thresholds: scopes.NormContainer) -> dict[str, jax.Array]:
-  """A step's report, reduced group array by group array, then across the groups' scalars.
+  """A step's report, reduced per group shape (`scopes.stack_alike`), then across shapes.
 
   Joining all norms into one vector first (per-unit norms: one float per output unit of every
   kernel) cost XLA CPU a write and several reads of that vector per step and a kernel with one
   operand per group: 0.8x the param bytes and 30% of the compile time of `"unit"` clipping +
   Adam on 1,000 small leaves.
   """
-  def per_group(norm, factor, threshold):
+  def per_shape(norm, factor, threshold):
     largest = jnp.max(norm, initial=0.0)
-    threshold = jnp.broadcast_to(threshold, norm.shape).astype(jnp.float32)
     return (largest, jnp.max(jnp.where(norm >= largest, threshold, -jnp.inf), initial=-jnp.inf),
             jnp.min(factor, initial=1.0), jnp.sum(factor < 1.0))
 
+  thresholds = scopes.map_groups(
+      lambda threshold, norm: jnp.broadcast_to(threshold, norm.shape).astype(jnp.float32),
+      thresholds, norms)
+  stacks = scopes.stack_alike(norms, factors, thresholds)
   largest, threshold_of_largest, smallest_factor, clipped = (
-      jnp.stack(jax.tree.leaves(stat))
-      for stat in scopes.map_groups(per_group, norms, factors, thresholds, outputs=4))
+      jnp.stack(stat) for stat in zip(*(per_shape(*arrays) for arrays in stacks)))
   return dict(
-      grad_norm=scopes.combined_norm(norms),
-      clipped_norm=scopes.combined_norm(scopes.map_groups(jnp.multiply, norms, factors)),
+      grad_norm=scopes.combined_norm([norm for norm, _, _ in stacks]),
+      clipped_norm=scopes.combined_norm([norm * factor for norm, factor, _ in stacks]),
       max_group_norm=jnp.max(largest), threshold=threshold_of_largest[jnp.argmax(largest)],
       scale=jnp.min(smallest_factor),
       clipped_fraction=jnp.sum(clipped) / sum(jnp.size(norm) for norm in jax.tree.leaves(norms)))

@@ -66,6 +66,27 @@ def map_groups(fn: Callable[..., Any], *containers: NormContainer, outputs: int 
                             jax.tree.structure((0,) * outputs), result)
 
 
+def stack_alike(*containers: NormContainer) -> list[tuple[jax.Array, ...]]:
+  """The arrays of aligned norm containers, those of equal shape and sharding stacked.
+
+  For reductions over every group (a step's summary): one kernel per distinct group shape
+  instead of one per group. A model's groups come in a few shapes (every scalar of scope
+  `"leaf"`, every kernel's units of one width), and each reduction of a group array is a
+  kernel XLA compiles and runs: reduced group by group, the summary of 1,000 groups was
+  ~40% of the compile time of `clip_by_norm(scope="leaf")` + Adam. A vector container is
+  one array already.
+
+  Returns:
+    A list over shapes of tuples, one stacked array per container.
+  """
+  if not isinstance(containers[0], tuple):
+    return [containers]
+  alike: dict[Any, list[tuple[jax.Array, ...]]] = {}
+  for arrays in zip(*containers):
+    alike.setdefault((arrays[0].shape, _compat.sharding_spec(arrays[0])), []).append(arrays)
+  return [tuple(jnp.stack(column) for column in zip(*members)) for members in alike.values()]
+
+
 def flat(container: NormContainer) -> jax.Array:
   """All entries of a norm container as one vector (for scalar summaries).
 
@@ -152,6 +173,12 @@ class Partition:
       return container[plan.group].reshape(plan.kept_shape)
     start = self.offsets[plan.group]
     return container[start:start + self.sizes[plan.group]].reshape(plan.kept_shape)
+
+  def template(self) -> NormContainer:
+    """The container's shapes: a float32 `jax.ShapeDtypeStruct` for every array."""
+    if not self.group_arrays:
+      return jax.ShapeDtypeStruct((self.size,), jnp.float32)
+    return tuple(jax.ShapeDtypeStruct(shape, jnp.float32) for shape in self.group_shapes)
 
   def zeros(self, tree: Any) -> NormContainer:
     """A float32 zeros container for `tree`. Each group's array is derived from the group's
@@ -268,8 +295,10 @@ def combined_norm(norms: NormContainer) -> jax.Array:
     largest = jnp.max(group, initial=0.0)
     return largest, jnp.sum(jnp.square(group / jnp.where(largest > 0, largest, 1.0)))
 
-  largest, squares = (jnp.stack(jax.tree.leaves(stat))
-                      for stat in map_groups(largest_and_squares, norms, outputs=2))
+  if isinstance(norms, tuple):
+    norms = [group for group, in stack_alike(norms)]
+  largest, squares = (jnp.stack(stat) for stat in zip(*(
+      largest_and_squares(group) for group in jax.tree.leaves(norms))))
   overall = jnp.max(largest)
   relative = jnp.square(largest / jnp.where(overall > 0, overall, 1.0))
   return overall * jnp.sqrt(jnp.sum(squares * relative))
