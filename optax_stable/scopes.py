@@ -144,14 +144,17 @@ class Partition:
           f"got {treedef}.")
     return leaves
 
-  def _combine(self, per_leaf: list[jax.Array | None], reduce: Callable) -> NormContainer:
-    """Reduces per-leaf statistics into the norm container of group statistics."""
+  def _combine(self, per_leaf: list[jax.Array | None],
+               reduce: Callable) -> tuple[jax.Array, ...]:
+    """Reduces per-leaf statistics into one array of group statistics per group."""
     members: list[list[jax.Array]] = [[] for _ in self.group_shapes]
     for plan, stat in zip(self.plans, per_leaf):
       if plan is not None:
         members[plan.group].append(stat)
-    groups = tuple(stats[0] if len(stats) == 1 else reduce(jnp.stack(stats), axis=0)
-                   for stats in members)
+    return tuple(stats[0] if len(stats) == 1 else reduce(jnp.stack(stats), axis=0)
+                 for stats in members)
+
+  def _container(self, groups: tuple[jax.Array, ...]) -> NormContainer:
     if self.group_arrays:
       return groups
     if not groups:
@@ -224,7 +227,7 @@ class Partition:
 
     def scaled_squares(scales):
       planned = [plan for plan in self.plans if plan is not None]
-      leaf_scales = [self._group_values(scales, plan) for plan in planned]
+      leaf_scales = [scales[plan.group].reshape(plan.kept_shape) for plan in planned]
       copies = iter(jax.lax.optimization_barrier(
           tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
       leaf_scales = iter([next(copies) if repeat else scale
@@ -266,7 +269,8 @@ class Partition:
         lambda leaf, plan: jnp.sum(jnp.real(leaf), axis=plan.reduce_axes, dtype=jnp.float32)))
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
-    return map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares, scales), finite
+    return self._container(map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares,
+                                      scales)), finite
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
