@@ -69,15 +69,24 @@ def map_groups(fn: Callable[..., Any], *containers: NormContainer, outputs: int 
 def stack_alike(*containers: NormContainer) -> list[tuple[jax.Array, ...]]:
   """The arrays of aligned norm containers, those of equal shape and sharding stacked.
 
-  For reductions over every group (a step's summary): one kernel per distinct group shape
+  For reductions over every group (a step's summary): a kernel per distinct group shape
   instead of one per group. A model's groups come in a few shapes (every scalar of scope
   `"leaf"`, every kernel's units of one width), and each reduction of a group array is a
-  kernel XLA compiles and runs: reduced group by group, the summary of 1,000 groups was
-  ~40% of the compile time of `clip_by_norm(scope="leaf")` + Adam. A vector container is
-  one array already.
+  kernel XLA compiles and runs: reduced group by group, the clip's summary made
+  `clip_by_norm(scope="leaf")` + Adam on 300 small leaves compile 1.4x as long.
+
+  Args:
+    *containers: norm containers of one partition (a vector container is returned as is).
 
   Returns:
     A list over shapes of tuples, one stacked array per container.
+
+  Example:
+    >>> norms = (jnp.array(1.0), jnp.array([2.0, 3.0]), jnp.array(4.0))
+    >>> for stacked, in ostab.scopes.stack_alike(norms):
+    ...   print(stacked)
+    [1. 4.]
+    [[2. 3.]]
   """
   if not isinstance(containers[0], tuple):
     return [containers]
@@ -289,11 +298,15 @@ class Partition:
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
 
 
-def combined_norm(norms: NormContainer) -> jax.Array:
+def combined_norm(norms: NormContainer | list[jax.Array]) -> jax.Array:
   """The L2 norm of the union of groups, from their norms, without overflowing float32.
 
-  Reduced array by array first, then across the arrays' scalars: joining per-unit norms into
-  one vector would cost a write and a read of it and a kernel with an operand per group.
+  Args:
+    norms: a norm container, or a list of arrays of group norms (`stack_alike`'s).
+
+  Returns:
+    A float32 scalar. Reduced per group shape first, then across the shapes' scalars: joining
+    per-unit norms into one vector would cost a write and a read of it.
   """
   def largest_and_squares(group):
     largest = jnp.max(group, initial=0.0)
