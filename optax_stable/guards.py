@@ -105,12 +105,12 @@ def skip_nonfinite(
       finite = watch.verdict
       if axis_name is not None:
         finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
-    skip = ~finite
+    nonfinite = ~finite
+    skip = nonfinite
     if max_consecutive is not None:
       skip = skip & (state.consecutive_skips < max_consecutive)
     new_updates, inner_state = _tree.keep_where(skip, new_updates, new_inner_state,
                                                 state.inner_state)
-    nonfinite = ~finite
     skipped = skip.astype(jnp.int32)
     return new_updates, SkipNonfiniteState(
         inner_state=inner_state,

@@ -4,9 +4,10 @@ Every figure is bytes accessed per byte of parameters, against floors built from
 chain must touch: Adam's own count (XLA CPU reads the gradient twice, for each moment's
 kernel) plus one read of the gradients for the norms (plus one of the params for AGC). Three
 identical blocks, because repeated leaf shapes once cost a leaf-sized broadcast buffer per
-shape (see `scopes.Partition.norms`). A clip's own state is read and written once more. Kernels are tall, so
-per-unit norm vectors (one float per column) weigh ~1/2000 of a kernel, and the floors allow
-only 0.05x for the passes over per-group statistics and scalars. Nothing is run: the programs are only compiled.
+shape (see `scopes.Partition.norms`). A clip's own state is read and written once more.
+Kernels are tall, so per-unit norm vectors (one float per column) weigh ~1/2000 of a kernel,
+and the floors allow only 0.05x for the passes over per-group statistics and scalars. Nothing
+is run: the programs are only compiled.
 """
 
 import jax
@@ -66,7 +67,7 @@ def test_clipping_before_adam_is_one_read_of_the_gradients(name, adam_bytes):
   assert ours <= floor + allowance, f"{name}: {ours:.3f}x, floor {floor:.3f}x"
 
 
-def test_global_clipping_reads_less_than_optax(adam_bytes):
+def test_global_clipping_reads_less_than_optax():
   ours = _bytes_per_param_byte(
       optax.chain(ostab.clip_by_global_norm(1.0), optax.scale_by_adam()))
   theirs = _bytes_per_param_byte(
