@@ -93,7 +93,8 @@ def stack_alike(*containers: NormContainer) -> list[tuple[jax.Array, ...]]:
   alike: dict[Any, list[tuple[jax.Array, ...]]] = {}
   for arrays in zip(*containers):
     alike.setdefault((arrays[0].shape, _compat.sharding_spec(arrays[0])), []).append(arrays)
-  return [tuple(jnp.stack(column) for column in zip(*members)) for members in alike.values()]
+  return [tuple(_tree.stack_to_reduce(column) for column in zip(*members))
+          for members in alike.values()]
 
 
 def flat(container: NormContainer) -> jax.Array:
@@ -160,7 +161,7 @@ class Partition:
     for plan, stat in zip(self.plans, per_leaf):
       if plan is not None:
         members[plan.group].append(stat)
-    return tuple(stats[0] if len(stats) == 1 else reduce(jnp.stack(stats), axis=0)
+    return tuple(stats[0] if len(stats) == 1 else reduce(_tree.stack_to_reduce(stats), axis=0)
                  for stats in members)
 
   def _container(self, groups: tuple[jax.Array, ...]) -> NormContainer:
