@@ -249,6 +249,7 @@ def accumulation_table(params: Any, cycles: int) -> list[dict[str, Any]]:
 def compile_table(leaf_counts: list[int]) -> list[dict[str, Any]]:
   wanted = (
       "chain(ostab.clip_by_global_norm, adam)", "chain(ostab.clip_by_norm[layer], adam)",
+      "chain(ostab.clip_by_norm[unit], adam)", "chain(ostab.adaptive_grad_clip, adam)",
       "chain(ostab.autoclip[leaf, H=1000], adam)",
       "ostab.skip_nonfinite(chain(ostab.clip, adam))", "ostab.accumulate(adam, 4) [micro-step]")
   contests = list({p.name: p for p in reversed(pairs()) if p.name in wanted}.values())[::-1]
