@@ -238,13 +238,17 @@ class Partition:
     plain, down = self._all_reduce(tuple(  # one all-reduce of both, inside shard_map / pmap
         self._combine([None if stat is None else stat[i] for stat in stats], jnp.sum)
         for i in (0, 1)))
+    # A vector container is joined from the sums, so that one small kernel takes the norms of
+    # all groups; joined after it, XLA fused each group's own into the joining kernel, which
+    # every leaf's scale then sliced (zclip(scope="leaf") + Adam, 1,000 leaves: 3x the compile).
+    plain, down = self._container(plain), self._container(down)
     norms = map_groups(lambda sq, sq_down: jnp.where(
         jnp.isfinite(sq), jnp.sqrt(sq), jnp.sqrt(sq_down) / _OVERFLOW_SCALE), plain, down)
     # `isfinite(sq) |` changes no verdict, but reading both sums keeps the reduction whole:
     # were only the downscaled one used (a guard's own pass), XLA CPU would write the scale's
     # broadcast out at leaf size and read it beside every leaf of that shape.
     finite = map_groups(lambda sq, sq_down: jnp.isfinite(sq) | jnp.isfinite(sq_down), plain, down)
-    return self._container(norms), _tree.all_finite_flags(finite)
+    return norms, _tree.all_finite_flags(finite)
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
