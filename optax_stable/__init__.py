@@ -26,6 +26,9 @@ from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
 from optax_stable.guards import skip_spikes
 from optax_stable.integration import apply_gradients
+from optax_stable.loss_scaling import DynamicLossScaleState
+from optax_stable.loss_scaling import current_loss_scale
+from optax_stable.loss_scaling import dynamic_loss_scale
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
@@ -38,6 +41,8 @@ from optax_stable.spam import SpikeClipState
 from optax_stable.spam import periodic_reset
 from optax_stable.spam import scale_by_adam_moments
 from optax_stable.spam import spike_clip
+from optax_stable.stable_adam import ScaleByStableAdamState
+from optax_stable.stable_adam import scale_by_stable_adam
 from optax_stable.telemetry import stats
 from optax_stable.weight_decay import DecoupledWeightDecayState
 from optax_stable.weight_decay import add_l1_penalty
@@ -57,10 +62,12 @@ __all__ = [
     "ClipByNormState",
     "ClipState",
     "DecoupledWeightDecayState",
+    "DynamicLossScaleState",
     "GroupInfo",
     "GroupLayout",
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
+    "ScaleByStableAdamState",
     "SkipNonfiniteState",
     "SkipSpikesState",
     "SpikeClipState",
@@ -76,9 +83,11 @@ __all__ = [
     "clip",
     "clip_by_global_norm",
     "clip_by_norm",
+    "current_loss_scale",
     "decoupled_weight_decay",
     "default_decay_mask",
     "describe_groups",
+    "dynamic_loss_scale",
     "microbatch",
     "path_mask",
     "path_str",
@@ -86,6 +95,7 @@ __all__ = [
     "policies",
     "recipes",
     "scale_by_adam_moments",
+    "scale_by_stable_adam",
     "scopes",
     "skip_nonfinite",
     "skip_spikes",

@@ -14,6 +14,7 @@ from optax_stable import accumulation
 from optax_stable import clipping
 from optax_stable import guards
 from optax_stable import spam as spam_lib
+from optax_stable import stable_adam
 from optax_stable import weight_decay as weight_decay_lib
 
 
@@ -183,6 +184,54 @@ _CLIPPING = {
     "clip_by_norm": (clipping.clip_by_norm, {"max_norm": 1.0}),
     "spike_clip": (spam_lib.spike_clip, {}),
 }
+
+
+def stable_adamw(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9,
+                 b2: float = 0.99, eps: float = 1e-8, weight_decay: float = 1e-2,
+                 mask: weight_decay_lib.Mask = None) -> optax.GradientTransformation:
+  """StableAdamW: AdamW with AdaFactor-style update clipping, per tensor.
+
+  ::
+
+    grads -> scale_by_stable_adam(weight_decay, mask) -> x -lr
+
+  Each tensor's learning rate is divided by `max(1, RMS(g / sqrt(v)))`, decay included
+  (`ostab.scale_by_stable_adam`): a gradient that outruns Adam's second moment cannot produce
+  an outsized step. Defaults are `pytorch_optimizer.StableAdamW`'s (betas 0.9, 0.99; decay
+  1e-2 on every parameter), which it matches step for step. Moments are float32 for 16-bit
+  params.
+
+  Args:
+    learning_rate: a float or an Optax schedule.
+    b1: first-moment decay.
+    b2: second-moment decay.
+    eps: Adam's epsilon (its square floors `v` in the RMS).
+    weight_decay: decoupled decay coefficient (multiplied by the clipped learning rate).
+    mask: which parameters decay: a bool tree or `params -> bool tree`; None for all (as the
+      reference); `ostab.default_decay_mask` spares biases and norm scales.
+
+  Returns:
+    An `optax.GradientTransformation` whose `update` requires `params` when `weight_decay` is
+    non-zero.
+
+  References:
+    Wortsman et al., Stable and low-precision training for large-scale vision-language
+    models, NeurIPS 2023 (https://arxiv.org/abs/2304.13013); reference implementation
+    `pytorch_optimizer.StableAdamW`.
+
+  Example:
+    >>> params = {"w": jnp.ones(2)}
+    >>> tx = ostab.recipes.stable_adamw(1e-3, weight_decay=0.0)
+    >>> updates, _ = tx.update({"w": jnp.array([0.5, -0.5])}, tx.init(params), params)
+    >>> print(jnp.round(updates["w"], 6))  # first step: -lr x sign, RMS exactly 1
+    [-0.001  0.001]
+  """
+  _check_adam(learning_rate, b1, b2, eps, weight_decay)
+  return optax.chain(
+      stable_adam.scale_by_stable_adam(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                                       mask=mask),
+      optax.scale_by_learning_rate(learning_rate),
+  )
 
 
 def _clipping_transform(clip: str | optax.GradientTransformation | None,

@@ -20,8 +20,8 @@ import optax_stable as ostab
 
 Factory = Callable[[optax.GradientTransformation], optax.GradientTransformation]
 
-# name -> factory of the entry given the optimizer it wraps or precedes (recipes and
-# `scale_by_adam_moments` are optimizers themselves and ignore it).
+# name -> factory of the entry given the optimizer it wraps or precedes (recipes,
+# `scale_by_adam_moments` and `scale_by_stable_adam` are optimizers themselves and ignore it).
 TRANSFORMS: dict[str, Factory] = {
     "clip[quantile,layer]": lambda _: ostab.clip(ostab.policies.quantile(0.5, history_length=3),
                                                  scope="layer"),
@@ -38,15 +38,22 @@ TRANSFORMS: dict[str, Factory] = {
     "add_l1_penalty": lambda _: ostab.add_l1_penalty(1e-3),
     "scale_by_adam_moments": lambda _: optax.chain(ostab.scale_by_adam_moments(),
                                                    optax.scale(-1e-2)),
+    "scale_by_stable_adam": lambda _: optax.chain(
+        ostab.scale_by_stable_adam(weight_decay=0.1, mask=ostab.default_decay_mask),
+        optax.scale(-1e-2)),
     "skip_nonfinite": ostab.skip_nonfinite,
     "skip_spikes": lambda optimizer: ostab.skip_spikes(optimizer, warmup_steps=2),
     "accumulate": lambda optimizer: ostab.accumulate(optimizer, 3),
+    # The mode tests' losses are unscaled: a scale of 1 that grows to 2 and 4 exercises both.
+    "dynamic_loss_scale": lambda optimizer: ostab.dynamic_loss_scale(
+        optimizer, init_scale=1.0, growth_interval=2),
     "periodic_reset": lambda optimizer: ostab.periodic_reset(optimizer, 4),
     "decoupled_weight_decay": lambda optimizer: optax.chain(
         optimizer, ostab.decoupled_weight_decay(0.1, learning_rate=1e-2)),
     "recipes.adagc": lambda _: ostab.recipes.adagc(warmup_steps=3),
     "recipes.spam": lambda _: ostab.recipes.spam(reset_every_k=4, clip_warmup_steps=2,
                                                  reset_warmup_steps=2, weight_decay=0.1),
+    "recipes.stable_adamw": lambda _: ostab.recipes.stable_adamw(1e-2),
     "recipes.robust_adamw": lambda _: ostab.recipes.robust_adamw(
         1e-2, every_k=2, clip_kwargs={"warmup_steps": 2}),
 }
@@ -57,7 +64,8 @@ GRADIENT_ONLY = ("clip[quantile,layer]", "clip_by_global_norm", "clip_by_norm[la
                  "zclip[unit]", "adagc", "spike_clip", "add_l2_penalty", "add_l1_penalty")
 
 # The entries that wrap the optimizer (and so must keep its state's types across steps).
-WRAPPERS = ("skip_nonfinite", "skip_spikes", "accumulate", "periodic_reset")
+WRAPPERS = ("skip_nonfinite", "skip_spikes", "accumulate", "dynamic_loss_scale",
+            "periodic_reset")
 
 
 def default_optimizer() -> optax.GradientTransformation:

@@ -242,3 +242,29 @@ def test_spam_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes):
         sequence, params, atol=1e-8)
     clipped = [float(ostab.stats(state)["spike_clip/clipped_fraction"]) for state in states]
   assert max(clipped) > 0
+
+
+@pytest.mark.parametrize("seed, shapes", [(21, "conv_mlp"), (22, "transformer")])
+def test_stable_adamw_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes):
+  """Same spiky gradients to both, float64: the update clipping engages on the spikes."""
+  pytorch_optimizer = pytest.importorskip("pytorch_optimizer")
+  sequence = [jax.tree.map(lambda g: g.astype(np.float64), grads)
+              for grads in spiky_gradients(seed, STEPS, TREE_SHAPES[shapes])]
+  rng = np.random.default_rng(seed)
+  params = jax.tree.map(lambda g: rng.normal(size=g.shape), sequence[0])
+  with jax.enable_x64(True):
+    tx = ostab.recipes.stable_adamw(1e-2, weight_decay=0.1)
+    states, _, _ = _follow_reference(
+        tx, lambda tensors: pytorch_optimizer.StableAdamW(tensors, lr=1e-2, weight_decay=0.1,
+                                                          foreach=False),
+        sequence, params, atol=1e-8)
+    # The clipping engaged: on some step some tensor's update RMS exceeded 1.
+    clipped = 0
+    for before, after, grads in zip(states, states[1:], sequence[1:]):
+      del before
+      state = after[0]
+      v_hat = jax.tree.map(lambda v: v / (1 - 0.99 ** int(state.count)), state.nu)
+      rms = jax.tree.map(lambda g, v: np.sqrt(np.mean(g ** 2 / np.maximum(v, 1e-16))),
+                         grads, v_hat)
+      clipped += any(r > 1.0 for r in jax.tree.leaves(rms))
+  assert clipped > 0

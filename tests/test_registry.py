@@ -6,8 +6,8 @@ import optax_stable as ostab
 import registry
 
 # Public callables that are not gradient transformations.
-NOT_TRANSFORMS = {"apply_gradients", "default_decay_mask", "describe_groups", "microbatch",
-                  "path_mask", "path_str", "stats"}
+NOT_TRANSFORMS = {"apply_gradients", "current_loss_scale", "default_decay_mask",
+                  "describe_groups", "microbatch", "path_mask", "path_str", "stats"}
 
 
 def test_every_public_transform_and_recipe_is_registered():

@@ -23,6 +23,9 @@ BAD = [
     (ostab.spike_clip, {"threshold": 0.0}), (ostab.spike_clip, {"decay": 1.0}),
     (ostab.spike_clip, {"reset_every_k": 0}),
     (ostab.scale_by_adam_moments, {"b1": 1.0}), (ostab.scale_by_adam_moments, {"eps": -1.0}),
+    (ostab.scale_by_stable_adam, {"b2": 1.0}),
+    (ostab.scale_by_stable_adam, {"weight_decay": -1.0}),
+    (ostab.recipes.stable_adamw, {"learning_rate": -1.0}),
     (ostab.decoupled_weight_decay, {"weight_decay": -1.0}),
     (ostab.decoupled_weight_decay, {"weight_decay": 0.1, "learning_rate": -1.0}),
     (ostab.add_l2_penalty, {"coeff": -1.0}), (ostab.add_l1_penalty, {"coeff": -1.0}),
@@ -45,6 +48,11 @@ WRAPPERS = [
     (ostab.skip_spikes, {"decay": 1.0}), (ostab.skip_spikes, {"metric": "loss"}),
     (ostab.skip_spikes, {"max_consecutive": 0}), (ostab.accumulate, {"every_k": 0}),
     (ostab.periodic_reset, {"every_k": 0}),
+    (ostab.dynamic_loss_scale, {"init_scale": 0.0}),
+    (ostab.dynamic_loss_scale, {"growth_factor": 0.5}),
+    (ostab.dynamic_loss_scale, {"backoff_factor": 1.5}),
+    (ostab.dynamic_loss_scale, {"growth_interval": 0}),
+    (ostab.dynamic_loss_scale, {"min_scale": -1.0}),
 ]
 
 

@@ -44,8 +44,10 @@ TRANSFORMS = {
     "skip_spikes[grad_norm]": lambda ax: ostab.skip_spikes(
         optax.sgd(0.1), metric="grad_norm", warmup_steps=2, z_thresh=2.0, axis_name=ax),
     "accumulate": lambda ax: ostab.accumulate(optax.sgd(0.1), 2, axis_name=ax),
+    "dynamic_loss_scale": lambda ax: ostab.dynamic_loss_scale(
+        optax.sgd(0.1), init_scale=4.0, growth_interval=2, axis_name=ax),
 }
-NAN_ON_ONE_DEVICE = {"skip_nonfinite", "accumulate"}
+NAN_ON_ONE_DEVICE = {"skip_nonfinite", "accumulate", "dynamic_loss_scale"}
 
 split = jax.tree.map(lambda _: P("x"), params)
 for name, make in TRANSFORMS.items():

@@ -1,0 +1,105 @@
+"""StableAdamW's update clipping: Adam whose step shrinks where the gradient outruns `v`.
+
+Adam divides by `sqrt(v)`, an average of past squared gradients. When a tensor's gradient
+suddenly grows (or `v` is stale after a quiet stretch, as in low-precision training), its step
+grows with it before `v` catches up. AdaFactor's update clipping, applied to AdamW by Wortsman
+et al. 2023, measures `RMS(g / sqrt(v))` per tensor and divides that tensor's learning rate by
+it wherever it exceeds 1.
+"""
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_stable import _tree
+from optax_stable import _validation
+from optax_stable import weight_decay as weight_decay_lib
+
+
+class ScaleByStableAdamState(NamedTuple):
+  """State of `scale_by_stable_adam`.
+
+  Attributes:
+    count: steps taken (bias correction).
+    mu: first moment, float32 for 16-bit params (float64 kept).
+    nu: second moment, likewise.
+  """
+
+  count: jax.Array
+  mu: Any
+  nu: Any
+
+
+def scale_by_stable_adam(*, b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.99,
+                         eps: float | jax.Array = 1e-8,
+                         weight_decay: float | jax.Array = 0.0,
+                         mask: weight_decay_lib.Mask = None) -> optax.GradientTransformation:
+  """Adam's direction plus decoupled decay, each tensor divided by its update RMS if above 1.
+
+  For every leaf, with bias-corrected moments `m`, `v` (this step's gradient included):
+  `rms = sqrt(mean(g**2 / max(v, eps**2)))`, and the update is
+  `(m / (sqrt(v) + eps) + weight_decay * param) / max(1, rms)`: the learning rate of that
+  tensor is divided by `max(1, rms)`, decay included, as in the reference. Moments are kept in
+  float32 for 16-bit params, so `eps` and small squares survive; updates come back in the
+  gradient's dtype. Follow it with `optax.scale_by_learning_rate` (`recipes.stable_adamw`).
+
+  Args:
+    b1: first-moment decay; in [0, 1).
+    b2: second-moment decay; in [0, 1).
+    eps: added to `sqrt(v)`; `eps**2` floors `v` in the RMS; >= 0.
+    weight_decay: decoupled decay coefficient; >= 0.
+    mask: which parameters decay: a bool tree or `params -> bool tree`; None for all.
+
+  Returns:
+    An `optax.GradientTransformation` whose state is a `ScaleByStableAdamState`; `update`
+    needs `params` when `weight_decay` is non-zero.
+
+  References:
+    Wortsman et al., Stable and low-precision training for large-scale vision-language
+    models, NeurIPS 2023 (https://arxiv.org/abs/2304.13013); Shazeer and Stern, Adafactor,
+    ICML 2018 (https://arxiv.org/abs/1804.04235); reference implementation
+    `pytorch_optimizer.StableAdamW`.
+
+  Example:
+    >>> tx = ostab.scale_by_stable_adam()
+    >>> params = {"w": jnp.zeros(2)}
+    >>> state = tx.init(params)
+    >>> _, state = tx.update({"w": jnp.array([1e-3, 1e-3])}, state, params)
+    >>> updates, state = tx.update({"w": jnp.array([1.0, 1.0])}, state, params)  # a spike
+    >>> print(jnp.round(updates["w"], 3))  # Adam's step, 0.743, divided by the RMS, 1.41
+    [0.527 0.527]
+  """
+  _validation.check_interval("b1", b1, 0.0, 1.0, True, False)
+  _validation.check_interval("b2", b2, 0.0, 1.0, True, False)
+  _validation.check_non_negative("eps", eps)
+  _validation.check_non_negative("weight_decay", weight_decay)
+
+  def init_fn(params):
+    zeros = lambda p: _tree.zeros_like_param(p, jnp.promote_types(p.dtype, jnp.float32))
+    return ScaleByStableAdamState(count=jnp.zeros((), jnp.int32),
+                                  mu=jax.tree.map(zeros, params), nu=jax.tree.map(zeros, params))
+
+  def update_fn(updates, state, params=None):
+    _tree.check_matches(state.mu, updates, "gradients")
+    count = optax.safe_int32_increment(state.count)
+    mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype), state.mu, updates)
+    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
+                      state.nu, updates)
+    mu_correction = 1 - b1 ** count
+    nu_correction = 1 - b2 ** count
+
+    steps = jax.tree.map(
+        lambda m, v: (m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps), mu, nu)
+    divisors = jax.tree.map(  # max(1, RMS(g / sqrt(v))), per tensor
+        lambda v, g: jnp.maximum(jnp.sqrt(jnp.mean(
+            jnp.square(g.astype(v.dtype)) / jnp.maximum(v / nu_correction, eps ** 2))), 1.0),
+        nu, updates)
+    if _validation.concrete_value(weight_decay) != 0.0:
+      steps = weight_decay_lib._masked_add(steps, params, mask, lambda p: weight_decay * p)
+    new_updates = jax.tree.map(lambda s, d, g: (s / d).astype(g.dtype), steps, divisors,
+                               updates)
+    return new_updates, ScaleByStableAdamState(count=count, mu=mu, nu=nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)

@@ -1,0 +1,153 @@
+"""`dynamic_loss_scale`: step for step against Flax's `DynamicScale`, and its compositions."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_stable as ostab
+
+
+def _float16_loss(params, x):
+  """A float16 forward pass: its backward overflows float16 once scale * |x| > 65504."""
+  return jnp.sum(params["w"].astype(jnp.float16) * x.astype(jnp.float16)).astype(jnp.float32)
+
+
+def _inputs(steps, seed=0):
+  """Normal inputs (the backward overflows float16 above a scale of ~2**14), with a 1,000x
+  spike on some steps (it overflows above ~16)."""
+  rng = np.random.default_rng(seed)
+  xs = rng.normal(size=(steps, 16)).astype(np.float32)
+  xs[rng.random(steps) < 0.05] *= 1e3
+  return jnp.asarray(xs)
+
+
+def test_scale_trajectory_and_params_equal_flax_dynamic_scale():
+  dynamic_scale = pytest.importorskip("flax.training.dynamic_scale")
+  steps, lr = 80, 1e-3
+  xs = _inputs(steps)
+  params = {"w": jnp.linspace(-1.0, 1.0, 16)}
+
+  flax_step = jax.jit(lambda ds, p, x: ds.value_and_grad(_float16_loss)(p, x))
+  flax_scale = dynamic_scale.DynamicScale(growth_interval=3, scale=jnp.float32(2.0 ** 10))
+  flax_params = params
+
+  tx = ostab.dynamic_loss_scale(optax.sgd(lr), init_scale=2.0 ** 10, growth_interval=3)
+
+  @jax.jit
+  def our_step(p, state, x):
+    grads = jax.grad(lambda p: _float16_loss(p, x) * ostab.current_loss_scale(state))(p)
+    updates, state = tx.update(grads, state, p)
+    return optax.apply_updates(p, updates), state
+
+  our_params, state = params, tx.init(params)
+  scales, overflows = [], 0
+  for x in xs:
+    flax_scale, finite, _, grads = flax_step(flax_scale, flax_params, x)
+    flax_params = jax.tree.map(lambda p, g: p + jnp.where(finite, -lr * g, 0.0),
+                               flax_params, grads)
+    our_params, state = our_step(our_params, state, x)
+    assert bool(state.overflow) == (not bool(finite))
+    assert float(state.loss_scale) == float(flax_scale.scale)
+    assert int(state.good_steps) == int(flax_scale.fin_steps)
+    # XLA may fold the unscale into SGD's multiply: one rounding per step may differ.
+    np.testing.assert_allclose(our_params["w"], flax_params["w"], rtol=0,
+                               atol=(len(scales) + 1) * float(jnp.finfo(jnp.float32).eps))
+    scales.append(float(state.loss_scale))
+    overflows += not bool(finite)
+  # The sequence exercised growth up to float16's limit, and backoff.
+  assert overflows >= 3 and int(state.total_overflows) == overflows
+  assert max(scales) >= 2.0 ** 13
+
+
+def test_overflow_keeps_inner_state_bit_identical_and_backs_off():
+  params = {"w": jnp.ones(3, jnp.float32), "b": jnp.zeros(2, jnp.float32)}
+  tx = ostab.dynamic_loss_scale(optax.adam(1e-2), init_scale=8.0, backoff_factor=0.25,
+                                min_scale=1.0)
+  state = tx.init(params)
+  good = {"w": jnp.full(3, 8.0, jnp.float16), "b": jnp.full(2, 4.0, jnp.float16)}
+  _, state = tx.update(good, state, params)
+  before = state.inner_state
+  bad = {"w": jnp.array([1.0, jnp.inf, 1.0], jnp.float16), "b": jnp.full(2, 4.0, jnp.float16)}
+  updates, state = tx.update(bad, state, params)
+  assert all(leaf.dtype == jnp.float16 for leaf in jax.tree.leaves(updates))
+  assert all(not np.any(np.asarray(leaf)) for leaf in jax.tree.leaves(updates))
+  jax.tree.map(np.testing.assert_array_equal, state.inner_state, before)
+  assert float(state.loss_scale) == 2.0 and bool(state.overflow)
+  _, state = tx.update(bad, state, params)
+  _, state = tx.update(bad, state, params)
+  assert float(state.loss_scale) == 1.0  # min_scale bounds the backoff
+  report = ostab.stats(state)
+  assert int(report["dynamic_loss_scale/total_overflows"]) == 3
+
+
+def test_inner_sees_unscaled_float32_gradients():
+  seen = []
+
+  def record(updates, state, params=None):
+    del params
+    seen.append(updates)
+    return updates, state
+
+  probe = optax.GradientTransformation(lambda params: optax.EmptyState(), record)
+  tx = ostab.dynamic_loss_scale(probe, init_scale=1024.0)
+  grads = {"w": jnp.array([1024.0 * 3.0, 1024.0 * 0.5], jnp.float16)}
+  updates, _ = tx.update(grads, tx.init(grads))
+  assert seen[0]["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(seen[0]["w"], [3.0, 0.5])
+  assert updates["w"].dtype == jnp.float16
+
+
+@pytest.mark.parametrize("clip", ["clip_by_global_norm", "clip_by_norm[unit]"])
+def test_clipping_inside_sees_unscaled_gradients(clip):
+  clipper = (ostab.clip_by_global_norm(1.0) if clip == "clip_by_global_norm"
+             else ostab.clip_by_norm(1.0, scope="unit"))
+  tx = ostab.dynamic_loss_scale(optax.chain(clipper, optax.sgd(1.0)), init_scale=2.0 ** 12)
+  grads = {"w": jnp.array([3.0, 4.0]) * 2.0 ** 12}
+  updates, state = tx.update(grads, tx.init(grads))
+  np.testing.assert_allclose(updates["w"], [-0.6, -0.8], rtol=1e-6)
+  # The clip's norm pass answered the overflow check: a NaN is still caught.
+  updates, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state)
+  assert bool(state.overflow) and not np.any(np.asarray(updates["w"]))
+
+
+def test_overflowing_microbatch_is_dropped_from_accumulation():
+  params = {"w": jnp.zeros(2)}
+  tx = ostab.dynamic_loss_scale(ostab.accumulate(optax.sgd(1.0), 2), init_scale=4.0)
+  state = tx.init(params)
+  updates, state = tx.update({"w": jnp.array([4.0, 8.0])}, state, params)  # unscaled [1, 2]
+  assert int(state.inner_state.micro_step) == 1 and not np.any(np.asarray(updates["w"]))
+  updates, state = tx.update({"w": jnp.array([jnp.inf, 8.0])}, state, params)
+  assert int(state.inner_state.micro_step) == 1  # dropped: the cycle did not advance
+  assert float(state.loss_scale) == 2.0
+  updates, state = tx.update({"w": jnp.array([6.0, 2.0])}, state, params)  # unscaled [3, 1]
+  assert bool(state.inner_state.updated)
+  np.testing.assert_allclose(updates["w"], [-2.0, -1.5])  # mean of the two finite ones
+
+
+def test_current_loss_scale_reads_nested_and_nnx_states():
+  tx = optax.chain(optax.identity(), ostab.dynamic_loss_scale(optax.adam(1e-3),
+                                                              init_scale=512.0))
+  params = {"w": jnp.zeros(2)}
+  assert float(ostab.current_loss_scale(tx.init(params))) == 512.0
+  assert float(jax.jit(ostab.current_loss_scale)(optax.MultiSteps(tx, 2).init(params))) == 512.0
+  with pytest.raises(ValueError, match="no `dynamic_loss_scale`"):
+    ostab.current_loss_scale(optax.adam(1e-3).init(params))
+  nnx = pytest.importorskip("flax.nnx")
+  model = nnx.Linear(2, 2, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, ostab.dynamic_loss_scale(optax.adam(1e-3), init_scale=8.0),
+                            wrt=nnx.Param)
+  assert float(ostab.current_loss_scale(optimizer.opt_state)) == 8.0
+  grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))) * jnp.inf)(model)
+  optimizer.update(model, grads)
+  assert float(ostab.current_loss_scale(optimizer.opt_state)) == 4.0
+
+
+def test_growth_stops_at_float32_max():
+  tx = ostab.dynamic_loss_scale(optax.sgd(1.0), init_scale=2.0 ** 127, growth_interval=1)
+  params = {"w": jnp.zeros(1)}
+  state = tx.init(params)
+  for _ in range(4):
+    _, state = tx.update({"w": jnp.ones(1)}, state, params)
+  assert float(state.loss_scale) == float(jnp.finfo(jnp.float32).max)
