@@ -26,9 +26,10 @@ from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
 from optax_stable.guards import skip_spikes
 from optax_stable.integration import apply_gradients
-from optax_stable.loss_scaling import DynamicLossScaleState
-from optax_stable.loss_scaling import current_loss_scale
-from optax_stable.loss_scaling import dynamic_loss_scale
+from optax_stable.low_precision import DynamicLossScaleState
+from optax_stable.low_precision import current_loss_scale
+from optax_stable.low_precision import dynamic_loss_scale
+from optax_stable.low_precision import with_float32_state
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
@@ -101,5 +102,6 @@ __all__ = [
     "skip_spikes",
     "spike_clip",
     "stats",
+    "with_float32_state",
     "zclip",
 ]

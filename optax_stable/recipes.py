@@ -13,6 +13,7 @@ from optax_stable import _validation
 from optax_stable import accumulation
 from optax_stable import clipping
 from optax_stable import guards
+from optax_stable import low_precision
 from optax_stable import spam as spam_lib
 from optax_stable import stable_adam
 from optax_stable import weight_decay as weight_decay_lib
@@ -38,7 +39,7 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
 
     grads -> adagc clip (per leaf) -> scale_by_adam -> + weight_decay * params -> x -lr
 
-  The decay is AdamW's (`p <- p - lr * (adam_update + weight_decay * p)`, which is
+  Adam's moments are float32 whatever the params' dtype (`with_float32_state`). The decay is AdamW's (`p <- p - lr * (adam_update + weight_decay * p)`, which is
   `pytorch_optimizer.AdaGC`'s `p *= 1 - lr * weight_decay` before the Adam step), applied to
   every parameter, as the reference does. `eps` serves both the clipping floor and Adam.
 
@@ -74,7 +75,7 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
   return optax.chain(
       clipping.adagc(decay=decay, lambda_abs=lambda_abs, lambda_rel=lambda_rel,
                      warmup_steps=warmup_steps, eps=eps, scope="leaf"),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      low_precision.with_float32_state(optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
       optax.add_decayed_weights(weight_decay),
       optax.scale_by_learning_rate(learning_rate),
   )
@@ -253,21 +254,26 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
                  mask: weight_decay_lib.Mask = weight_decay_lib.default_decay_mask,
                  clip: str | optax.GradientTransformation | None = "zclip",
                  clip_kwargs: dict[str, Any] | None = None, every_k: int = 1,
-                 skip_nonfinite: bool = True
+                 skip_nonfinite: bool = True, loss_scale: bool = False,
+                 loss_scale_kwargs: dict[str, Any] | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   """AdamW behind the library's guards: the recommended chain for stable training, in one call.
 
   ::
 
-    micro-batch grads
+    micro-batch grads (of the loss x current_loss_scale, with loss_scale=True)
+    -> dynamic_loss_scale                         unscale; overflow: skip, halve the scale
       -> accumulate(every_k)                      mean of k micro-batches, NaN ones dropped
         -> skip_nonfinite                         NaN/Inf step: zero update, no state change
           -> clip (default zclip)                 adaptive threshold, capped at max_norm=1.0
-          -> scale_by_adam(b1, b2, eps)
+          -> with_float32_state(scale_by_adam(b1, b2, eps))
           -> scale_by_learning_rate(learning_rate)
           -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
 
-  (`accumulate` only when `every_k > 1`, `skip_nonfinite` unless `skip_nonfinite=False`.) The
+  (`dynamic_loss_scale` only with `loss_scale=True`, `accumulate` only when `every_k > 1`,
+  `skip_nonfinite` unless `skip_nonfinite=False`.) Adam's moments are float32 whatever the
+  params' dtype (`with_float32_state`: a no-op on float32 params), so float16 and bfloat16
+  params never get a non-finite update from finite gradients, zero ones included. The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
   decay is AdamW's, proportional to the learning rate, masked off biases and norm scales. The
   default clipping keeps zclip's absolute cap (`max_norm=1.0`) besides its adaptive threshold:
@@ -287,6 +293,10 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
       `{"z_thresh": 3.0, "scope": "layer"}`.
     every_k: micro-batches per real step (`accumulate`'s `every_k`); a Python int >= 1.
     skip_nonfinite: guard the chain with `skip_nonfinite`.
+    loss_scale: put `dynamic_loss_scale` outermost, for float16 training: the loss function
+      then multiplies its loss by `ostab.current_loss_scale(opt_state)`.
+    loss_scale_kwargs: keyword arguments for `dynamic_loss_scale`, e.g.
+      `{"growth_interval": 1000}`.
 
   Returns:
     An `optax.GradientTransformationExtraArgs` (the loss may be passed as `value=`).
@@ -310,7 +320,7 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
   clip_transform = _clipping_transform(clip, clip_kwargs)
   tx = optax.chain(
       *([] if clip_transform is None else [clip_transform]),
-      optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+      low_precision.with_float32_state(optax.scale_by_adam(b1=b1, b2=b2, eps=eps)),
       optax.scale_by_learning_rate(learning_rate),
       weight_decay_lib.decoupled_weight_decay(weight_decay, learning_rate=learning_rate,
                                               mask=mask),
@@ -319,4 +329,8 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
     tx = guards.skip_nonfinite(tx)
   if every_k > 1:
     tx = accumulation.accumulate(tx, every_k)
+  if loss_scale:
+    tx = low_precision.dynamic_loss_scale(tx, **(loss_scale_kwargs or {}))
+  elif loss_scale_kwargs:
+    raise ValueError("`loss_scale_kwargs` are given but `loss_scale` is False.")
   return optax.with_extra_args_support(tx)

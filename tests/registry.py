@@ -47,6 +47,7 @@ TRANSFORMS: dict[str, Factory] = {
     # The mode tests' losses are unscaled: a scale of 1 that grows to 2 and 4 exercises both.
     "dynamic_loss_scale": lambda optimizer: ostab.dynamic_loss_scale(
         optimizer, init_scale=1.0, growth_interval=2),
+    "with_float32_state": ostab.with_float32_state,
     "periodic_reset": lambda optimizer: ostab.periodic_reset(optimizer, 4),
     "decoupled_weight_decay": lambda optimizer: optax.chain(
         optimizer, ostab.decoupled_weight_decay(0.1, learning_rate=1e-2)),
@@ -65,7 +66,7 @@ GRADIENT_ONLY = ("clip[quantile,layer]", "clip_by_global_norm", "clip_by_norm[la
 
 # The entries that wrap the optimizer (and so must keep its state's types across steps).
 WRAPPERS = ("skip_nonfinite", "skip_spikes", "accumulate", "dynamic_loss_scale",
-            "periodic_reset")
+            "with_float32_state", "periodic_reset")
 
 
 def default_optimizer() -> optax.GradientTransformation:

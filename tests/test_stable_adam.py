@@ -1,4 +1,4 @@
-"""StableAdamW in 16 bits, and clipping Adam's update (not the gradient) at any scope."""
+"""Clipping Adam's update (not the gradient) at any scope (StableAdamW: test_adaptive_parity)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,23 +8,6 @@ import pytest
 
 import optax_stable as ostab
 from conftest import float_tolerance, spiky_gradients
-
-
-@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
-def test_stable_adamw_on_16_bit_params_never_returns_non_finite_updates(dtype):
-  params = {"w": jnp.ones((4, 3), dtype), "b": jnp.zeros((3,), dtype)}
-  tx = ostab.recipes.stable_adamw(1e-3)
-  state = tx.init(params)
-  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves((state[0].mu, state[0].nu)))
-  update = jax.jit(tx.update)
-  # Zero gradients (v = 0: Adam's eps rounds to zero in 16 bits), then tiny ones (their
-  # squares underflow 16 bits), then a spike.
-  for scale in (0.0, 0.0, 1e-7, 1e-7, 1e3, 0.0):
-    grads = jax.tree.map(lambda p: jnp.full(p.shape, scale, dtype), params)
-    updates, state = update(grads, state, params)
-    for leaf in jax.tree.leaves(updates):
-      assert leaf.dtype == dtype and bool(jnp.all(jnp.isfinite(leaf)))
-    params = optax.apply_updates(params, updates)
 
 
 @pytest.mark.parametrize("scope", ["global", "leaf", "unit"])

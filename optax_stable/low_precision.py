@@ -1,4 +1,4 @@
-"""Dynamic loss scaling for float16 training: `dynamic_loss_scale`, `current_loss_scale`.
+"""Low precision: dynamic loss scaling for float16, and optimizer state kept in float32.
 
 Float16 gradients underflow (small values flush to zero) and overflow (an Inf). The remedy is
 to multiply the loss by a scale S before differentiating, so that the backward pass runs on
@@ -6,6 +6,11 @@ values S times larger, and to divide the gradients by S in float32 before the op
 them. The scale is adapted: an overflow skips the step and shrinks S, a streak of finite steps
 grows it. Here the scale lives in the optimizer state, so loss scaling composes with any
 optimizer and is checkpointed with it; the loss function reads it with `current_loss_scale`.
+
+Separately, an optimizer whose moments live in the params' 16-bit dtype loses them: Adam's
+`eps=1e-8` rounds to zero in float16 (a zero gradient then gives 0 / 0), and small squared
+gradients flush to zero in the second moment. `with_float32_state` runs any optimizer in
+float32 whatever the params' dtype.
 """
 
 from typing import Any, NamedTuple
@@ -173,3 +178,58 @@ def current_loss_scale(opt_state: Any) -> jax.Array:
       return telemetry._unwrapped(node).loss_scale
   raise ValueError("`opt_state` holds no `dynamic_loss_scale` state: wrap the optimizer in "
                    "`ostab.dynamic_loss_scale(...)`.")
+
+
+def _float32(tree: Any) -> Any:
+  """Floating leaves of at least float32 (16-bit ones widened); `ShapeDtypeStruct`s too."""
+  def widen(leaf):
+    if leaf is None or not jnp.issubdtype(leaf.dtype, jnp.inexact):
+      return leaf
+    dtype = jnp.promote_types(leaf.dtype, jnp.float32)
+    if dtype == leaf.dtype:
+      return leaf
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+      return jax.ShapeDtypeStruct(leaf.shape, dtype, sharding=leaf.sharding)
+    return leaf.astype(dtype)
+
+  return jax.tree.map(widen, tree)
+
+
+def with_float32_state(inner: optax.GradientTransformation
+                       ) -> optax.GradientTransformationExtraArgs:
+  """Runs `inner` in float32 whatever the params' dtype: its state, gradients and params.
+
+  `inner` is initialised from float32 copies of 16-bit params (so Adam's moments are float32)
+  and updated with float32 gradients and params; its updates come back in the gradients'
+  dtype. Float32 and float64 leaves pass unchanged, so on a float32 model this is a no-op.
+  Where the params are float16 this keeps `optax.adam` finite on a zero gradient (its
+  `eps=1e-8` is zero in float16: 0 / 0) and keeps squared gradients below float16's range
+  in the second moment.
+
+  Args:
+    inner: the transform to run in float32, typically the Adam part of a chain.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs` whose state is `inner`'s, in float32.
+
+  Example:
+    >>> params = {"w": jnp.ones(2, jnp.float16)}
+    >>> zero = {"w": jnp.zeros(2, jnp.float16)}
+    >>> plain = optax.adam(1e-3)
+    >>> print(plain.update(zero, plain.init(params), params)[0]["w"])
+    [nan nan]
+    >>> tx = ostab.with_float32_state(optax.adam(1e-3))
+    >>> print(tx.update(zero, tx.init(params), params)[0]["w"])
+    [0. 0.]
+  """
+  _validation.check_transform("inner", inner)
+  inner = optax.with_extra_args_support(inner)
+
+  def init_fn(params):
+    return inner.init(_float32(params))
+
+  def update_fn(updates, state, params=None, **extra_args):
+    new_updates, state = inner.update(_float32(updates), state, _float32(params), **extra_args)
+    return jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates), state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

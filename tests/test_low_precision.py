@@ -1,4 +1,5 @@
-"""`dynamic_loss_scale`: step for step against Flax's `DynamicScale`, and its compositions."""
+"""Low precision: `dynamic_loss_scale` step for step against Flax's `DynamicScale` and in
+composition; `with_float32_state` and the recipes on 16-bit params."""
 
 import jax
 import jax.numpy as jnp
@@ -151,3 +152,62 @@ def test_growth_stops_at_float32_max():
   for _ in range(4):
     _, state = tx.update({"w": jnp.ones(1)}, state, params)
   assert float(state.loss_scale) == float(jnp.finfo(jnp.float32).max)
+
+
+RECIPES = {
+    "robust_adamw": lambda: ostab.recipes.robust_adamw(1e-3),
+    "adagc": lambda: ostab.recipes.adagc(1e-3, warmup_steps=2),
+    "spam": lambda: ostab.recipes.spam(1e-3),
+    "stable_adamw": lambda: ostab.recipes.stable_adamw(1e-3),
+}
+
+
+@pytest.mark.parametrize("grad_dtype", ["params", jnp.float32])
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.bfloat16])
+@pytest.mark.parametrize("recipe", list(RECIPES))
+def test_recipes_on_16_bit_params_never_return_non_finite_updates(recipe, dtype, grad_dtype):
+  grad_dtype = dtype if grad_dtype == "params" else grad_dtype
+  params = {"dense": {"kernel": jnp.ones((4, 3), dtype), "bias": jnp.zeros((3,), dtype)}}
+  tx = RECIPES[recipe]()
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  # Zero gradients (Adam's eps is zero in float16: 0 / 0), tiny ones (their squares are
+  # below 16-bit range), a spike, zeros again.
+  for scale in (0.0, 0.0, 1e-7, 1e-7, 1e-3, 1e3, 0.0):
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, scale, grad_dtype), params)
+    updates, state = update(grads, state, params, value=jnp.float32(1.0))
+    for leaf in jax.tree.leaves(updates):
+      assert leaf.dtype == grad_dtype and bool(jnp.all(jnp.isfinite(leaf))), (scale, leaf)
+    params = optax.apply_updates(params, updates)
+  moments = [leaf for leaf in jax.tree.leaves(state) if jnp.ndim(leaf) == 2]
+  assert moments and all(leaf.dtype == jnp.float32 for leaf in moments)
+
+
+def test_with_float32_state_is_the_float32_run():
+  rng = np.random.default_rng(0)
+  params = {"w": jnp.asarray(rng.normal(size=(8,)), jnp.float16)}
+  ours = ostab.with_float32_state(optax.adam(1e-2))
+  plain = optax.adam(1e-2)
+  ours_state = ours.init(params)
+  plain_state = plain.init(jax.tree.map(lambda p: p.astype(jnp.float32), params))
+  for _ in range(5):
+    grads = {"w": jnp.asarray(rng.normal(size=(8,)) * 1e-3, jnp.float16)}
+    got, ours_state = ours.update(grads, ours_state, params)
+    expected, plain_state = plain.update(
+        jax.tree.map(lambda g: g.astype(jnp.float32), grads), plain_state)
+    assert got["w"].dtype == jnp.float16
+    np.testing.assert_array_equal(got["w"], expected["w"].astype(jnp.float16))
+  jax.tree.map(np.testing.assert_array_equal, ours_state, plain_state)
+
+
+def test_robust_adamw_puts_the_loss_scale_outermost():
+  params = {"w": jnp.ones(3)}
+  tx = ostab.recipes.robust_adamw(1e-3, every_k=2, loss_scale=True,
+                                  loss_scale_kwargs={"init_scale": 256.0})
+  state = tx.init(params)
+  assert float(ostab.current_loss_scale(state)) == 256.0
+  updates, state = tx.update({"w": jnp.array([jnp.inf, 1.0, 1.0])}, state, params)
+  assert float(ostab.current_loss_scale(state)) == 128.0
+  assert int(ostab.stats(state)["accumulate/micro_step"]) == 0  # dropped before accumulation
+  with pytest.raises(ValueError, match="loss_scale_kwargs"):
+    ostab.recipes.robust_adamw(1e-3, loss_scale_kwargs={"init_scale": 2.0})
