@@ -135,6 +135,11 @@ def pairs() -> list[Pair]:
       Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD),
            {"bytes_x": 11.0, "time_ratio": 1.1}),
+      # The low-precision issue's targets: the loss scale costs one read of the gradients.
+      Pair("ostab.dynamic_loss_scale(adam)", lambda: ostab.dynamic_loss_scale(_adam()),
+           "optax.adam", _adam, {"bytes_x": 10.05, "time_ratio": 1.05}),
+      Pair("ostab.recipes.stable_adamw", lambda: ostab.recipes.stable_adamw(LR, weight_decay=WD),
+           "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
   ]
   return result
 

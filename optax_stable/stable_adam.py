@@ -87,14 +87,16 @@ def scale_by_stable_adam(*, b1: float | jax.Array = 0.9, b2: float | jax.Array =
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype), state.mu, updates)
     nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
                       state.nu, updates)
-    mu_correction = 1 - b1 ** count
-    nu_correction = 1 - b2 ** count
-
+    # Multiplies by the inverse corrections, not divides: XLA fuses a multiply into both
+    # consumers of `v / correction` (the RMS and the step) but writes a divide out.
+    mu_inverse_correction = 1 / (1 - b1 ** count)
+    nu_inverse_correction = 1 / (1 - b2 ** count)
     steps = jax.tree.map(
-        lambda m, v: (m / mu_correction) / (jnp.sqrt(v / nu_correction) + eps), mu, nu)
+        lambda m, v: m * mu_inverse_correction / (jnp.sqrt(v * nu_inverse_correction) + eps),
+        mu, nu)
     divisors = jax.tree.map(  # max(1, RMS(g / sqrt(v))), per tensor
-        lambda v, g: jnp.maximum(jnp.sqrt(jnp.mean(
-            jnp.square(g.astype(v.dtype)) / jnp.maximum(v / nu_correction, eps ** 2))), 1.0),
+        lambda v, g: jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g.astype(v.dtype) * jax.lax.rsqrt(
+            jnp.maximum(v * nu_inverse_correction, eps ** 2))))), 1.0),
         nu, updates)
     if _validation.concrete_value(weight_decay) != 0.0:
       steps = weight_decay_lib._masked_add(steps, params, mask, lambda p: weight_decay * p)

@@ -97,3 +97,13 @@ def test_robust_adamw_is_adamw_plus_the_norm_pass():
   adamw = _bytes_per_param_byte(optax.adamw(1e-3))
   robust = _bytes_per_param_byte(ostab.recipes.robust_adamw(1e-3))
   assert robust <= adamw + 2 * _READ + _STATS  # the norm read and XLA's recompute, as above
+
+
+@pytest.mark.parametrize("inner", ["adam", "clip_by_global_norm"])
+def test_the_loss_scale_costs_what_the_guard_does(inner, adam_bytes):
+  """Unscaling fuses into the norm pass and Adam's kernels: a divide would be written out and
+  read back (2 more reads); the rest is the guard's cost, as above."""
+  chain = optax.scale_by_adam() if inner == "adam" else optax.chain(
+      _CLIPS[inner](), optax.scale_by_adam())
+  scaled = _bytes_per_param_byte(ostab.dynamic_loss_scale(chain))
+  assert scaled <= adam_bytes + 2 * _READ + _STATS
