@@ -33,13 +33,8 @@ def all_finite(tree: Any, axis_name: Any = None) -> jax.Array:
   With `axis_name` (inside shard_map/pmap), true only when that holds on every device, so all
   devices take the same decision.
   """
-  return all_finite_flags([jnp.isfinite(leaf) for leaf in jax.tree.leaves(tree)
-                           if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)], axis_name)
-
-
-def all_finite_flags(flags: Any, axis_name: Any = None) -> jax.Array:
-  """True when every element of every boolean leaf of `flags` is (on every device)."""
-  flags = [jnp.all(flag) for flag in jax.tree.leaves(flags)]
+  flags = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact)]
   finite = jnp.all(stack_to_reduce(flags)) if flags else jnp.array(True)
   if axis_name is not None:
     finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
@@ -105,7 +100,7 @@ def keep_where(keep: jax.Array, new_updates: Any, new_state: Any, state: Any) ->
 
   For a step whose inner update has run anyway (its verdict came out of the inner chain's own
   norm pass): XLA fuses each `where` into the kernel that computes the new value, so keeping
-  costs no memory traffic. `keep` must be one opaque value, such as a reduction's output: a
+  costs no memory traffic. `keep` must be one opaque value, such as a loop's output: a
   predicate XLA can fuse is copied into every leaf's kernel, and compile time grows with the
   square of the leaf count.
   """

@@ -90,13 +90,12 @@ def skip_nonfinite(
                               consecutive_skips=count())
 
   def update_fn(updates, state, params=None, **extra_args):
-    # "Is every element finite?" comes out of a norm pass (`scopes.Partition.norms`):
+    # "Is every element finite?" comes out of a norm pass's loop (`scopes.Partition.norms`):
     # that of a clip at the head of `inner` which measures all of the gradient (see
     # `_finite_verdict`), so the guard reads nothing, or else a global one of the guard's own.
     # `inner` runs unconditionally and a skipped step is undone by `where`s that XLA fuses into
-    # `inner`'s own kernels. The verdict must be opaque to fusion (a reduction's output): XLA
-    # copies a predicate it can fuse into every leaf's kernel, a compile time quadratic in the
-    # number of leaves.
+    # `inner`'s own kernels. The verdict must come out of a loop: XLA copies a predicate it can
+    # fuse into every leaf's kernel, a compile time quadratic in the number of leaves.
     with _finite_verdict.watch(updates) as watch:
       new_updates, new_inner_state = inner.update(updates, state.inner_state, params,
                                                   **extra_args)
@@ -270,8 +269,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
                         state.var)
     var_weight = jnp.where(grows_var, decay * state.var_weight + (1 - decay), state.var_weight)
 
-    # As in `skip_nonfinite`: `skip` is a scalar of the loss, or of a norm (a reduction's
-    # output), so the `where`s compile in linear time and fuse into `inner`'s kernels.
+    # As in `skip_nonfinite`: `skip` is a scalar of the loss, or of a norm that came out of
+    # a loop, so the `where`s compile in linear time and fuse into `inner`'s kernels.
     new_updates, inner_state = _tree.keep_where(
         skip, *inner.update(updates, state.inner_state, params, **extra_args), state.inner_state)
     spike_skip = (skip & spike).astype(jnp.int32)

@@ -61,8 +61,8 @@ def dynamic_loss_scale(
   """Wraps `inner` with a dynamic loss scale: unscale, skip and back off on overflow, grow.
 
   The loss function multiplies its loss by `current_loss_scale(opt_state)`; `update` receives
-  the gradients of that scaled loss (any float dtype), multiplies them by the inverse scale in
-  float32 and runs `inner` on the result. If any element is an Inf or a NaN, the step returns zero updates,
+  the gradients of that scaled loss (any float dtype), divides them by the scale in float32 and
+  runs `inner` on the result. If any element is an Inf or a NaN, the step returns zero updates,
   `inner`'s state stays bit-identical and the scale is multiplied by `backoff_factor` (not
   below `min_scale`); a finite step that follows `growth_interval` consecutive finite steps
   multiplies it by `growth_factor` (not above float32's largest value) and starts a new streak.
@@ -124,12 +124,8 @@ def dynamic_loss_scale(
 
   def update_fn(updates, state, params=None, **extra_args):
     scale = state.loss_scale
-    # A multiply by the reciprocal, not a divide: XLA fuses a multiply into each consumer (the
-    # norm pass, `inner`'s kernels) but writes a divide's result out and reads it back (+2
-    # reads of the gradients). Equal to the division for the usual power-of-two scales.
-    inverse = 1.0 / scale
     unscaled = jax.tree.map(
-        lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)) * inverse
+        lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)) / scale
         if jnp.issubdtype(g.dtype, jnp.inexact) else g, updates)
     # As in `skip_nonfinite`: a clip at the head of `inner` answers "all finite?" from its
     # norm pass over the unscaled gradients; otherwise one global pass of our own does.

@@ -29,9 +29,9 @@ compile fastest: a leaf that reads its entry out of a shared vector becomes a di
 kernel (the slice offset is baked in), and compiling 1,000 of them took XLA CPU ~7x as long
 as the same step with per-group arrays, whose kernels are identical and compiled once.
 
-A tree's norms take one read of every leaf, in float32 whatever the leaf's dtype. The same
-read sums the squares a second time downscaled by 2**-80, which gives the norm of a group whose
-plain sum of squares overflows float32 (elements above ~1e19).
+A tree's norms take one read of every leaf, in float32 whatever the leaf's dtype. A group whose
+sum of squares overflows float32 (elements above ~1e19) is summed again downscaled, by a second
+iteration of a loop that a normal step runs once.
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -218,37 +218,69 @@ class Partition:
       finite (the same pass answers it: a NaN or an Inf makes its group's norm non-finite).
     """
     leaves = self._leaves(tree, what)
-    # One reduction with two outputs: each leaf's sum of squares, plain and downscaled by
-    # 2**-80. The downscaled sum is exact to float32 rounding where the plain one overflows:
-    # such a group's squared norm exceeds 3.4e38, the elements whose scaled squares underflow
-    # (below ~1e5) add less than 1e-19 of it, and the scaled squares of up to 4e9 float32
-    # elements cannot overflow; so it is infinite only for a NaN or an Inf. No loop or `cond`
-    # decides whether to sum again (XLA:GPU would copy its predicate to the host every step),
-    # and both sums come out of the one read. The barrier makes the scale a runtime value:
-    # with a constant, XLA rewrites (x * c)**2 into x**2 * c**2, and c**2 underflows to zero.
-    downscale = jax.lax.optimization_barrier(jnp.float32(_OVERFLOW_SCALE))
 
-    def leaf_sums(leaf, plan):
-      x = leaf.astype(_compute_dtype(leaf))
-      return jax.lax.reduce((_abs_sq(x), _abs_sq(x * downscale)),
-                            (jnp.float32(0), jnp.float32(0)),
-                            lambda a, b: (a[0] + b[0], a[1] + b[1]), plan.reduce_axes)
+    def group_sums(leaf_sum):
+      return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
 
-    stats = self._leaf_stats(leaves, leaf_sums)
-    plain, down = self._all_reduce(tuple(  # one all-reduce of both, inside shard_map / pmap
-        self._combine([None if stat is None else stat[i] for stat in stats], jnp.sum)
-        for i in (0, 1)))
-    # A vector container is joined from the sums, so that one small kernel takes the norms of
-    # all groups; joined after it, XLA fused each group's own into the joining kernel, which
-    # every leaf's scale then sliced (zclip(scope="leaf") + Adam, 1,000 leaves: 3x the compile).
-    plain, down = self._container(plain), self._container(down)
-    norms = map_groups(lambda sq, sq_down: jnp.where(
-        jnp.isfinite(sq), jnp.sqrt(sq), jnp.sqrt(sq_down) / _OVERFLOW_SCALE), plain, down)
-    # `isfinite(sq) |` changes no verdict, but reading both sums keeps the reduction whole:
-    # were only the downscaled one used (a guard's own pass), XLA CPU would write the scale's
-    # broadcast out at leaf size and read it beside every leaf of that shape.
-    finite = map_groups(lambda sq, sq_down: jnp.isfinite(sq) | jnp.isfinite(sq_down), plain, down)
-    return norms, _tree.all_finite_flags(finite)
+    # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
+    # share one broadcast of the group's scale: XLA merges them into one instruction, which
+    # XLA CPU writes out as a leaf-sized buffer and reads beside every such leaf instead of
+    # fusing the multiply into the sum (+1 read of those leaves). Each repeat gets its own
+    # copy of the scale through a barrier XLA cannot see through. Only repeats: barriers on
+    # the leaves of distinct groups are not needed, and made XLA's compile 30x slower.
+    seen = set()
+    is_repeat = []
+    for plan, leaf in zip(self.plans, leaves):
+      if plan is not None:
+        is_repeat.append((plan.group, leaf.shape) in seen)
+        seen.add((plan.group, leaf.shape))
+
+    def scaled_squares(scales):
+      planned = [plan for plan in self.plans if plan is not None]
+      leaf_scales = [scales[plan.group].reshape(plan.kept_shape) for plan in planned]
+      copies = iter(jax.lax.optimization_barrier(
+          tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
+      leaf_scales = iter([next(copies) if repeat else scale
+                          for scale, repeat in zip(leaf_scales, is_repeat)])
+
+      def leaf_sum(leaf, plan):  # called once per grouped leaf, in order
+        scaled = leaf.astype(_compute_dtype(leaf)) * next(leaf_scales)
+        return jnp.sum(_abs_sq(scaled), axis=plan.reduce_axes)
+      return group_sums(leaf_sum)
+
+    # A second pass only runs on a step where a sum of squares overflowed (or the tree holds
+    # NaN/Inf): each overflowed group is summed again scaled by 2**-80. That is exact to
+    # float32 rounding: such a group's squared norm exceeds 3.4e38, the elements whose scaled
+    # squares underflow (below ~1e5) add less than 1e-19 of it, and the scaled squares of up
+    # to 4e9 float32 elements cannot overflow. The scales are runtime values on purpose: XLA
+    # rewrites (x * c)**2 with a constant c into x**2 * c**2, which overflows again. A loop,
+    # not a `lax.cond`: the reductions appear once in the program, so they compile once and
+    # XLA's static `cost_analysis()` counts the one read a normal step makes.
+    # The loop also carries the verdict "every element finite": a finite sum of squares means
+    # finite elements, and after the downscaled pass an infinite one means a NaN or an Inf.
+    # Coming out of the loop it is one value; computed outside from the n group sums, XLA
+    # fuses that computation into each of its consumers (each leaf's `where(finite, ...)`):
+    # n fusions of n operands, a compile time that grows with the square of the leaf count.
+    def another_pass(carry):
+      passes, _, _, finite = carry
+      return (passes == 0) | ((passes == 1) & ~finite)
+
+    def one_pass(carry):
+      passes, scales, squares, _ = carry
+      scales = map_groups(lambda sq, scale: jnp.where(
+          (passes > 0) & jnp.isinf(sq), _OVERFLOW_SCALE, scale), squares, scales)
+      squares = scaled_squares(scales)
+      return passes + 1, scales, squares, _tree.all_finite(squares)
+
+    # A loop carry keeps one type from start to end: sharding (a kernel split over its output
+    # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
+    # that start it take their type from sums over the same axes, which XLA drops unused.
+    ones = map_groups(lambda total: jnp.ones_like(total, jnp.float32), group_sums(
+        lambda leaf, plan: jnp.sum(jnp.real(leaf), axis=plan.reduce_axes, dtype=jnp.float32)))
+    _, scales, squares, finite = jax.lax.while_loop(
+        another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
+    return self._container(map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares,
+                                      scales)), finite
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.

@@ -100,10 +100,11 @@ def test_robust_adamw_is_adamw_plus_the_norm_pass():
 
 
 @pytest.mark.parametrize("inner", ["adam", "clip_by_global_norm"])
-def test_the_loss_scale_costs_what_the_guard_does(inner, adam_bytes):
-  """Unscaling fuses into the norm pass and Adam's kernels: a divide would be written out and
-  read back (2 more reads); the rest is the guard's cost, as above."""
+def test_the_loss_scale_costs_the_guard_and_one_unscaled_copy(inner, adam_bytes):
+  """The guard's cost, as above, plus the unscaled gradients written once and read once more:
+  the norm pass is a loop, and XLA materialises a loop's operands instead of fusing the
+  division into its body."""
   chain = optax.scale_by_adam() if inner == "adam" else optax.chain(
       _CLIPS[inner](), optax.scale_by_adam())
   scaled = _bytes_per_param_byte(ostab.dynamic_loss_scale(chain))
-  assert scaled <= adam_bytes + 2 * _READ + _STATS
+  assert scaled <= adam_bytes + 4 * _READ + _STATS
