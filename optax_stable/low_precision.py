@@ -61,8 +61,11 @@ def dynamic_loss_scale(
   """Wraps `inner` with a dynamic loss scale: unscale, skip and back off on overflow, grow.
 
   The loss function multiplies its loss by `current_loss_scale(opt_state)`; `update` receives
-  the gradients of that scaled loss (any float dtype), divides them by the scale in float32 and
-  runs `inner` on the result. If any element is an Inf or a NaN, the step returns zero updates,
+  the gradients of that scaled loss (any float dtype), unscales them in float32 (a multiply by
+  the reciprocal: exact for the power-of-two scales of the defaults) and runs `inner` on the
+  result. If any element is an Inf or a NaN (or, where no clip at the head
+  of `inner` measures every element, the unscaled norm exceeds float32's range), the step
+  returns zero updates,
   `inner`'s state stays bit-identical and the scale is multiplied by `backoff_factor` (not
   below `min_scale`); a finite step that follows `growth_interval` consecutive finite steps
   multiplies it by `growth_factor` (not above float32's largest value) and starts a new streak.
@@ -124,18 +127,26 @@ def dynamic_loss_scale(
 
   def update_fn(updates, state, params=None, **extra_args):
     scale = state.loss_scale
+    # A multiply by the reciprocal: XLA fuses it into `inner`'s kernels, but writes a divide's
+    # result out and reads it back (+2 reads). Equal to dividing for power-of-two scales.
     unscaled = jax.tree.map(
-        lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)) / scale
+        lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32)) * (1 / scale)
         if jnp.issubdtype(g.dtype, jnp.inexact) else g, updates)
     # As in `skip_nonfinite`: a clip at the head of `inner` answers "all finite?" from its
-    # norm pass over the unscaled gradients; otherwise one global pass of our own does.
+    # norm pass over the unscaled gradients. Otherwise one global pass of our own reads the
+    # incoming gradients, not the unscaled ones: the pass is a loop, whose operands XLA
+    # writes out, while the division fuses into `inner`'s kernels (2 reads fewer). The
+    # unscaled gradients are finite when these are and their norm divided by the scale is.
     with _finite_verdict.watch(unscaled) as watch:
       new_updates, new_inner_state = inner.update(unscaled, state.inner_state, params,
                                                   **extra_args)
-    finite = (own_norm_pass.partition(unscaled).norms(unscaled)[1]
-              if watch.verdict is None else watch.verdict)
-    if axis_name is not None and watch.verdict is not None:
-      finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
+    if watch.verdict is None:
+      norms, finite = own_norm_pass.partition(updates).norms(updates)
+      finite = finite & jnp.all(jnp.isfinite(scopes.flat(norms) / scale))
+    else:
+      finite = watch.verdict
+      if axis_name is not None:
+        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
     new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
     new_updates, inner_state = _tree.keep_where(~finite, new_updates, new_inner_state,
                                                 state.inner_state)
