@@ -63,9 +63,8 @@ def dynamic_loss_scale(
   The loss function multiplies its loss by `current_loss_scale(opt_state)`; `update` receives
   the gradients of that scaled loss (any float dtype), unscales them in float32 (a multiply by
   the reciprocal: exact for the power-of-two scales of the defaults) and runs `inner` on the
-  result. If any element is an Inf or a NaN (or, where no clip at the head
-  of `inner` measures every element, the unscaled norm exceeds float32's range), the step
-  returns zero updates,
+  result. If any element is an Inf or a NaN (or, where no clip at the head of `inner` measures
+  every element, the unscaled norm exceeds float32's range), the step returns zero updates,
   `inner`'s state stays bit-identical and the scale is multiplied by `backoff_factor` (not
   below `min_scale`); a finite step that follows `growth_interval` consecutive finite steps
   multiplies it by `growth_factor` (not above float32's largest value) and starts a new streak.

@@ -39,7 +39,8 @@ def adagc(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: 
 
     grads -> adagc clip (per leaf) -> scale_by_adam -> + weight_decay * params -> x -lr
 
-  Adam's moments are float32 whatever the params' dtype (`with_float32_state`). The decay is AdamW's (`p <- p - lr * (adam_update + weight_decay * p)`, which is
+  Adam's moments are float32 whatever the params' dtype (`with_float32_state`). The decay is
+  AdamW's (`p <- p - lr * (adam_update + weight_decay * p)`, which is
   `pytorch_optimizer.AdaGC`'s `p *= 1 - lr * weight_decay` before the Adam step), applied to
   every parameter, as the reference does. `eps` serves both the clipping floor and Adam.
 
