@@ -62,6 +62,37 @@ def test_scale_trajectory_and_params_equal_flax_dynamic_scale():
   assert max(scales) >= 2.0 ** 13
 
 
+def test_scale_trajectory_equals_jmp_dynamic_loss_scale():
+  """jmp grows on the `period`-th finite step in a row (Flax on the one after
+  `growth_interval`) and floors the scale at 1: the same rule with `growth_interval =
+  period - 1` and `min_scale=1`. (jmp's own float16 scale fails on current JAX, jmp issue 47:
+  the scale is float32 here.)"""
+  jmp = pytest.importorskip("jmp")
+  xs = _inputs(80, seed=1)
+  params = {"w": jnp.linspace(-1.0, 1.0, 16)}
+  tx = ostab.dynamic_loss_scale(optax.sgd(1e-3), init_scale=2.0 ** 10, growth_interval=3,
+                                min_scale=1.0)
+
+  @jax.jit
+  def steps(state, loss_scale, x):
+    grads = jax.grad(lambda p: _float16_loss(p, x) * ostab.current_loss_scale(state))(params)
+    _, state = tx.update(grads, state, params)
+    jmp_grads = jax.grad(lambda p: _float16_loss(p, x) * loss_scale.loss_scale)(params)
+    finite = jmp.all_finite(loss_scale.unscale(jmp_grads))
+    return state, loss_scale.adjust(finite), finite
+
+  state = tx.init(params)
+  loss_scale = jmp.DynamicLossScale(jnp.float32(2.0 ** 10), period=4)
+  overflows, scales = 0, []
+  for x in xs:
+    state, loss_scale, finite = steps(state, loss_scale, x)
+    assert bool(state.overflow) == (not bool(finite))
+    assert float(state.loss_scale) == float(loss_scale.loss_scale)
+    overflows += not bool(finite)
+    scales.append(float(state.loss_scale))
+  assert overflows >= 3 and max(scales) >= 2.0 ** 13
+
+
 def test_overflow_keeps_inner_state_bit_identical_and_backs_off():
   params = {"w": jnp.ones(3, jnp.float32), "b": jnp.zeros(2, jnp.float32)}
   tx = ostab.dynamic_loss_scale(optax.adam(1e-2), init_scale=8.0, backoff_factor=0.25,
