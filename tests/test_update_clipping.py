@@ -1,4 +1,4 @@
-"""Clipping Adam's update (not the gradient) at any scope (StableAdamW: test_adaptive_parity)."""
+"""Clipping Adam's update, not the gradient, at any scope (StableAdamW: test_adaptive_parity)."""
 
 import jax
 import jax.numpy as jnp
