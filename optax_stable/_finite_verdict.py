@@ -14,6 +14,7 @@ import contextlib
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 _watches: list["Watch"] = []
 
@@ -45,3 +46,19 @@ def offer(updates: Any, finite: jax.Array) -> None:
     if current.verdict is None and len(current.leaves) == len(leaves) and all(
         watched is leaf for watched, leaf in zip(current.leaves, leaves)):
       current.verdict = finite
+
+
+def update_watched(inner: Any, updates: Any, state: Any, params: Any, extra_args: dict,
+                   axis_name: Any = None) -> tuple[Any, Any, jax.Array | None]:
+  """`inner.update(updates, state, params, **extra_args)` under a watch on `updates`.
+
+  Returns the new updates and state, and the verdict a clip offered for `updates` (agreed on
+  every device of `axis_name`: false if false anywhere), or None when no clip measured them
+  all: the caller then makes a norm pass of its own.
+  """
+  with watch(updates) as current:
+    new_updates, new_state = inner.update(updates, state, params, **extra_args)
+  verdict = current.verdict
+  if verdict is not None and axis_name is not None:
+    verdict = jax.lax.pmin(verdict.astype(jnp.int32), axis_name) > 0
+  return new_updates, new_state, verdict

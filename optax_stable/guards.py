@@ -96,15 +96,10 @@ def skip_nonfinite(
     # `inner` runs unconditionally and a skipped step is undone by `where`s that XLA fuses into
     # `inner`'s own kernels. The verdict must come out of a loop: XLA copies a predicate it can
     # fuse into every leaf's kernel, a compile time quadratic in the number of leaves.
-    with _finite_verdict.watch(updates) as watch:
-      new_updates, new_inner_state = inner.update(updates, state.inner_state, params,
-                                                  **extra_args)
-    if watch.verdict is None:
+    new_updates, new_inner_state, finite = _finite_verdict.update_watched(
+        inner, updates, state.inner_state, params, extra_args, axis_name)
+    if finite is None:
       finite = own_norm_pass.partition(updates).norms(updates)[1]
-    else:
-      finite = watch.verdict
-      if axis_name is not None:
-        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
     nonfinite = ~finite
     skip = nonfinite
     if max_consecutive is not None:

@@ -136,16 +136,11 @@ def dynamic_loss_scale(
     # incoming gradients, not the unscaled ones: the pass is a loop, whose operands XLA
     # writes out, while the division fuses into `inner`'s kernels (2 reads fewer). The
     # unscaled gradients are finite when these are and their norm divided by the scale is.
-    with _finite_verdict.watch(unscaled) as watch:
-      new_updates, new_inner_state = inner.update(unscaled, state.inner_state, params,
-                                                  **extra_args)
-    if watch.verdict is None:
+    new_updates, new_inner_state, finite = _finite_verdict.update_watched(
+        inner, unscaled, state.inner_state, params, extra_args, axis_name)
+    if finite is None:
       norms, finite = own_norm_pass.partition(updates).norms(updates)
       finite = finite & jnp.all(jnp.isfinite(scopes.flat(norms) / scale))
-    else:
-      finite = watch.verdict
-      if axis_name is not None:
-        finite = jax.lax.pmin(finite.astype(jnp.int32), axis_name) > 0
     new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
     new_updates, inner_state = _tree.keep_where(~finite, new_updates, new_inner_state,
                                                 state.inner_state)
