@@ -40,6 +40,8 @@ HEADLINE = (
     ("ostab.skip_nonfinite(chain(ostab.clip, adam))", "apply_if_finite(chain(optax.clip, adam))"),
     ("ostab.recipes.robust_adamw", None),
     ("ostab.accumulate(adam, 4) [micro-step]", None),
+    ("ostab.dynamic_loss_scale(adam)", None),
+    ("ostab.recipes.stable_adamw", None),
 )
 
 

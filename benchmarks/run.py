@@ -3,6 +3,7 @@
 Run by hand (never part of the test suite):
     python benchmarks/run.py                # ~60 min on 2 CPU cores, ~7 GB of memory
     python benchmarks/run.py --quick --deep-leaves 100 --compile-leaves 20   # smoke run, minutes
+    python benchmarks/run.py --only "loss_scale|stable_adamw"   # some pairs, merged into the file
 Prints the tables and writes benchmarks/results.json.
 
 Sections:
@@ -26,6 +27,7 @@ Ratios are the meaningful numbers: absolute times on a shared machine drift betw
 import argparse
 import json
 import pathlib
+import re
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -150,11 +152,14 @@ def _check(targets: dict[str, float], row: dict[str, Any]) -> str:
 
 
 def transforms_table(params: Any, tree_name: str, repeats: int,
-                     targets: Callable[[Pair], dict[str, float]]) -> list[dict[str, Any]]:
+                     targets: Callable[[Pair], dict[str, float]],
+                     only: str | None = None) -> list[dict[str, Any]]:
   grads = jax.tree.map(lambda p: 0.05 * p + 1e-3, params)
   param_bytes = harness.tree_bytes(params)
   rows, cached = [], (None, None)
   for pair in pairs():
+    if only is not None and not re.search(only, pair.name):
+      continue
     if cached[0] != pair.baseline:
       cached = (None, None)  # frees the previous baseline's state before building the next
       cached = (pair.baseline, harness.Compiled.build(pair.make_baseline(), params, grads))
@@ -298,6 +303,24 @@ def microbatch_table(batch: int, hidden: int) -> list[dict[str, Any]]:
   return rows
 
 
+def _merged(previous: dict[str, Any], rerun: dict[str, Any], how: str) -> dict[str, Any]:
+  """`previous` with the transforms rows of `rerun` replacing or joining its own."""
+  rows = previous["transforms"]
+  index = {(row["tree"], row["transform"]): i for i, row in enumerate(rows)}
+  for row in rerun["transforms"]:
+    key = (row["tree"], row["transform"])
+    if key in index:
+      rows[index[key]] = row
+    else:  # after the last row of its tree
+      last = max((i for i, r in enumerate(rows) if r["tree"] == row["tree"]), default=-1)
+      rows.insert(last + 1, row)
+      index = {(r["tree"], r["transform"]): i for i, r in enumerate(rows)}
+  rerun_names = sorted({row["transform"] for row in rerun["transforms"]})
+  note = (f"{', '.join(rerun_names)} re-run with {how} on {rerun['machine']} "
+          f"(repeats {rerun['repeats']}, quick {rerun['quick']}).")
+  return previous | {"provenance": " ".join(filter(None, [previous.get("provenance"), note]))}
+
+
 def _print_tables(results: dict[str, Any]) -> None:
   print(f"\n{results['machine']}")
   print("; ".join(f"{name}: {about}" for name, about in results["trees"].items()) + "\n")
@@ -345,7 +368,12 @@ def main():
   parser.add_argument("--trees", nargs="*", default=["wide", "blocks", "deep"],
                       help="trees of the transforms section")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results.json")))
+  parser.add_argument("--only", default=None, metavar="REGEX",
+                      help="run only the transforms pairs whose name matches and merge their "
+                      "rows into --out, keeping its other rows and sections")
   args = parser.parse_args()
+  if args.only is not None:
+    args.sections = ["transforms"]
   repeats = args.repeats or (10 if args.quick else 20)
   d_model = 256 if args.quick else 768
 
@@ -370,8 +398,10 @@ def main():
     results["transforms"] = []
     for name in args.trees:
       results["transforms"] += transforms_table(
-          trees[name](), name, repeats, compile_targets if name == "deep" else size_targets)
-      save()
+          trees[name](), name, repeats, compile_targets if name == "deep" else size_targets,
+          args.only)
+      if args.only is None:
+        save()
   if "accumulation" in args.sections:
     print("accumulation", flush=True)
     results["accumulation"] = accumulation_table(trees["wide"](), cycles=max(repeats // 2, 5))
@@ -382,6 +412,8 @@ def main():
     save()
   if "microbatch" in args.sections:
     results["microbatch"] = microbatch_table(batch=4096, hidden=512)
+  if args.only is not None:
+    results = _merged(json.loads(out.read_text()), results, f"--only {args.only!r}")
   for section in ("transforms", "accumulation", "compile", "microbatch"):
     results.setdefault(section, [])
   _print_tables(results)

@@ -54,3 +54,22 @@ def test_checkpoint_resume_example_is_bit_identical(tmp_path):
   stdout = _run_example(EXAMPLES / "checkpoint_resume.py", "--steps", "20", "--stop-at", "10",
                         "--dir", tmp_path)
   assert stdout.strip().endswith("bit-identical to the uninterrupted run: True")
+
+
+def test_float16_example_underflows_without_and_trains_with_the_loss_scale():
+  steps = 60
+  stdout = _run_example(EXAMPLES / "float16_loss_scaling.py", "--steps", steps,
+                        "--local-tokens", 2048)
+  rows = {line[:28].strip(): line[28:].split() for line in stdout.splitlines()[1:]}
+  loss, accuracy, zeros = {}, {}, {}
+  for name, row in rows.items():
+    loss[name], accuracy[name], zeros[name] = float(row[0]), float(row[1]), row[2]
+  assert float(zeros["float16"].rstrip("%")) > 50  # most gradient entries underflow
+  assert float(zeros["float16 + loss scale"].rstrip("%")) < 5
+  assert accuracy["float16"] < 0.6 * accuracy["float32"]
+  # Scaled float16 follows the float32 run; the 2% allows float16's rounding of the forward.
+  assert abs(loss["float16 + loss scale"] - loss["float32"]) < 0.02 * loss["float32"]
+  skipped, adam_steps, final_scale = rows["float16 + scale from 2**40"][3:]
+  assert 1 <= int(skipped) <= 16 and int(adam_steps) == steps - int(skipped)
+  assert final_scale == f"2**{40 - int(skipped)}"  # halved once per overflow, no growth yet
+  assert accuracy["float16 + scale from 2**40"] > 0.8 * accuracy["float32"]
