@@ -142,6 +142,15 @@ def pairs() -> list[Pair]:
            "optax.adam", _adam, {"bytes_x": 10.05, "time_ratio": 1.05}),
       Pair("ostab.recipes.stable_adamw", lambda: ostab.recipes.stable_adamw(LR, weight_decay=WD),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
+      # The observability issue's target: per-layer monitoring beside a clip at its scope
+      # shares the clip's norm pass.
+      Pair("chain(ostab.monitor[grad], ostab.clip_by_norm[layer], adam)",
+           lambda: optax.chain(ostab.monitor(what=("grad",)), ostab.clip_by_norm(1.0),
+                               _adam()),
+           "chain(ostab.clip_by_norm[layer], adam)",
+           _with_adam(lambda: ostab.clip_by_norm(1.0)), {"time_ratio": 1.02}),
+      Pair("chain(ostab.monitor, adam)", lambda: optax.chain(ostab.monitor(), _adam()),
+           "optax.adam", _adam),
   ]
   return result
 

@@ -21,6 +21,7 @@ from optax_stable.clipping import clip
 from optax_stable.clipping import clip_by_global_norm
 from optax_stable.clipping import clip_by_norm
 from optax_stable.clipping import zclip
+from optax_stable.reports import flight_report
 from optax_stable.guards import SkipNonfiniteState
 from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
@@ -30,6 +31,8 @@ from optax_stable.low_precision import DynamicLossScaleState
 from optax_stable.low_precision import current_loss_scale
 from optax_stable.low_precision import dynamic_loss_scale
 from optax_stable.low_precision import with_float32_state
+from optax_stable.monitoring import MonitorState
+from optax_stable.monitoring import monitor
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
@@ -66,6 +69,7 @@ __all__ = [
     "DynamicLossScaleState",
     "GroupInfo",
     "GroupLayout",
+    "MonitorState",
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
     "ScaleByStableAdamState",
@@ -89,7 +93,9 @@ __all__ = [
     "default_decay_mask",
     "describe_groups",
     "dynamic_loss_scale",
+    "flight_report",
     "microbatch",
+    "monitor",
     "path_mask",
     "path_str",
     "periodic_reset",

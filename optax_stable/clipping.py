@@ -61,7 +61,10 @@ class ClipState(NamedTuple):
     policy_telemetry = getattr(self.policy_state, "telemetry", None)
     if callable(policy_telemetry):
       report.update(policy_telemetry())
-    return report
+    # The state holds "no threshold" as float32 max (`policies.NO_LIMIT`); a dashboard plots inf.
+    return {key: jnp.where(value >= policies.NO_LIMIT, jnp.inf, value)
+            if jnp.issubdtype(jnp.result_type(value), jnp.floating) else value
+            for key, value in report.items()}
 
 
 class ClipByGlobalNormState(ClipState):

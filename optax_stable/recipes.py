@@ -255,7 +255,8 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
                  mask: weight_decay_lib.Mask = weight_decay_lib.default_decay_mask,
                  clip: str | optax.GradientTransformation | None = "zclip",
                  clip_kwargs: dict[str, Any] | None = None, every_k: int = 1,
-                 skip_nonfinite: bool = True, loss_scale: bool = False,
+                 skip_nonfinite: bool = True, skip_spikes: bool = False,
+                 skip_spikes_kwargs: dict[str, Any] | None = None, loss_scale: bool = False,
                  loss_scale_kwargs: dict[str, Any] | None = None
                  ) -> optax.GradientTransformationExtraArgs:
   """AdamW behind the library's guards: the recommended chain for stable training, in one call.
@@ -265,14 +266,17 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
     micro-batch grads (of the loss x current_loss_scale, with loss_scale=True)
     -> dynamic_loss_scale                         unscale; overflow: skip, halve the scale
       -> accumulate(every_k)                      mean of k micro-batches, NaN ones dropped
-        -> skip_nonfinite                         NaN/Inf step: zero update, no state change
-          -> clip (default zclip)                 adaptive threshold, capped at max_norm=1.0
-          -> with_float32_state(scale_by_adam(b1, b2, eps))
-          -> scale_by_learning_rate(learning_rate)
-          -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
+        -> skip_spikes                            the real step's loss jumps: skip the step
+          -> skip_nonfinite                       NaN/Inf step: zero update, no state change
+            -> clip (default zclip)               adaptive threshold, capped at max_norm=1.0
+            -> with_float32_state(scale_by_adam(b1, b2, eps))
+            -> scale_by_learning_rate(learning_rate)
+            -> decoupled_weight_decay(weight_decay, learning_rate=learning_rate, mask=mask)
 
   (`dynamic_loss_scale` only with `loss_scale=True`, `accumulate` only when `every_k > 1`,
-  `skip_nonfinite` unless `skip_nonfinite=False`.) Adam's moments are float32 whatever the
+  `skip_spikes` only with `skip_spikes=True`, `skip_nonfinite` unless
+  `skip_nonfinite=False`.) Inside `accumulate`, `skip_spikes` judges the mean loss of the
+  real step's micro-batches. Adam's moments are float32 whatever the
   params' dtype (`with_float32_state`: a no-op on float32 params), so float16 and bfloat16
   params never get a non-finite update from finite gradients, zero ones included. The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
@@ -294,6 +298,8 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
       `{"z_thresh": 3.0, "scope": "layer"}`.
     every_k: micro-batches per real step (`accumulate`'s `every_k`); a Python int >= 1.
     skip_nonfinite: guard the chain with `skip_nonfinite`.
+    skip_spikes: guard the chain with `skip_spikes`; `update` then needs the loss as `value=`.
+    skip_spikes_kwargs: keyword arguments for `skip_spikes`, e.g. `{"warmup_steps": 100}`.
     loss_scale: put `dynamic_loss_scale` outermost, for float16 training: the loss function
       then multiplies its loss by `ostab.current_loss_scale(opt_state)`.
     loss_scale_kwargs: keyword arguments for `dynamic_loss_scale`, e.g.
@@ -328,6 +334,10 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
   )
   if skip_nonfinite:
     tx = guards.skip_nonfinite(tx)
+  if skip_spikes:
+    tx = guards.skip_spikes(tx, **(skip_spikes_kwargs or {}))
+  elif skip_spikes_kwargs:
+    raise ValueError("`skip_spikes_kwargs` are given but `skip_spikes` is False.")
   if every_k > 1:
     tx = accumulation.accumulate(tx, every_k)
   if loss_scale:

@@ -20,7 +20,7 @@ def _unwrapped(node: Any) -> Any:
                             else leaf for leaf in leaves])
 
 
-def stats(opt_state: Any) -> dict[str, jax.Array]:
+def stats(opt_state: Any, *, per_group: bool = False) -> dict[str, jax.Array]:
   """Collects the telemetry of every optax_stable transform in an optimizer state.
 
   Walks any nested state (`optax.chain` tuples, `optax.MultiSteps`, `optax.inject_hyperparams`,
@@ -32,6 +32,9 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
 
   Args:
     opt_state: an optimizer state, or any pytree containing one.
+    per_group: also each group's values from the states that keep them (`monitor`), keyed
+      `"<transform>/<quantity>/<group>"`, e.g. `"monitor/grad_norm/blocks/3/attn"`. The group
+      names are read from the state, so this needs a concrete state (not inside `jit`).
 
   Returns:
     A dict from readable names to scalar arrays, ready for a metrics writer.
@@ -46,8 +49,14 @@ def stats(opt_state: Any) -> dict[str, jax.Array]:
      'clip_by_norm/max_group_norm': 5.0, 'clip_by_norm/threshold': 1.0, 'clip_by_norm/scale': 0.2,
      'clip_by_norm/clipped_fraction': 1.0, 'clip_by_norm/nonfinite_steps': 0.0}
   """
-  return {f"{prefix}/{key}": value for prefix, node in _reporting_states(opt_state)
-          for key, value in _unwrapped(node).telemetry().items()}
+  report = {}
+  for prefix, node in _reporting_states(opt_state):
+    node = _unwrapped(node)
+    report.update({f"{prefix}/{key}": value for key, value in node.telemetry().items()})
+    if per_group and hasattr(node, "per_group_telemetry"):
+      report.update({f"{prefix}/{key}": value
+                     for key, value in node.per_group_telemetry().items()})
+  return report
 
 
 def _reporting_states(opt_state: Any) -> Iterator[tuple[str, Any]]:

@@ -108,3 +108,17 @@ def test_the_loss_scale_costs_what_the_guard_does(inner, reads, adam_bytes):
       _CLIPS[inner](), optax.scale_by_adam())
   scaled = _bytes_per_param_byte(ostab.dynamic_loss_scale(chain))
   assert scaled <= adam_bytes + reads * _READ + _STATS
+
+
+@pytest.mark.parametrize("what, reads", [(("grad",), 1), (("grad", "param"), 2)])
+def test_the_monitor_is_one_read_of_what_it_measures(what, reads, adam_bytes):
+  monitor = ostab.monitor(what=what)
+  ours = _bytes_per_param_byte(optax.chain(monitor, optax.scale_by_adam()))
+  assert ours <= adam_bytes + reads * _READ + _state_traffic(monitor) + _STATS
+
+
+def test_the_monitor_shares_the_norm_pass_of_a_clip_at_its_scope():
+  clip_adam = optax.chain(ostab.clip_by_norm(1.0), optax.scale_by_adam())
+  monitor = ostab.monitor(what=("grad",))
+  monitored = _bytes_per_param_byte(optax.chain(monitor, clip_adam))
+  assert monitored <= _bytes_per_param_byte(clip_adam) + _state_traffic(monitor) + _STATS

@@ -7,7 +7,8 @@ import registry
 
 # Public callables that are not gradient transformations.
 NOT_TRANSFORMS = {"apply_gradients", "current_loss_scale", "default_decay_mask",
-                  "describe_groups", "microbatch", "path_mask", "path_str", "stats"}
+                  "describe_groups", "flight_report", "microbatch", "path_mask", "path_str",
+                  "stats"}
 
 
 def test_every_public_transform_and_recipe_is_registered():

@@ -97,3 +97,13 @@ def test_states_can_be_donated_without_shared_buffers():
   state = step(state)
   state = step(state)
   assert int(state.gradient_step) == 1
+
+
+def test_no_threshold_reports_inf_not_float32_max():
+  tx = ostab.zclip(warmup_steps=3, max_norm=None)  # no threshold while warming up
+  params = {"w": jnp.ones(3)}
+  _, state = tx.update({"w": jnp.full(3, 2.0)}, tx.init(params), params)
+  assert float(state.threshold) == float(jnp.finfo(jnp.float32).max)  # the state's sentinel
+  report = ostab.stats(state)
+  assert report["zclip/threshold"] == jnp.inf
+  assert float(report["zclip/grad_norm"]) == pytest.approx(2.0 * 3**0.5)

@@ -45,7 +45,7 @@ BAD = [
 ]
 WRAPPERS = [
     (ostab.skip_nonfinite, {"max_consecutive": 0}), (ostab.skip_spikes, {"z_thresh": -1.0}),
-    (ostab.skip_spikes, {"decay": 1.0}), (ostab.skip_spikes, {"metric": "loss"}),
+    (ostab.skip_spikes, {"ratio_thresh": 0.5}), (ostab.skip_spikes, {"metric": "loss"}),
     (ostab.skip_spikes, {"max_consecutive": 0}), (ostab.accumulate, {"every_k": 0}),
     (ostab.periodic_reset, {"every_k": 0}),
     (ostab.dynamic_loss_scale, {"init_scale": 0.0}),

@@ -33,11 +33,11 @@ logger = logging.getLogger(__name__)
 PARAMS = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
 
 # Keys computed by a `telemetry()` method rather than copied from a state field, by the class
-# that reports them. Keep in step with `optax_stable/policies.py` and `guards.py`.
+# that reports them. Keep in step with `optax_stable/policies.py` and `monitoring.py`.
 POLICY_KEYS = {
     ("QuantileState", "quantile_threshold"):
         "largest threshold the quantile policy gave any group on the last step "
-        "(`policies.NO_LIMIT`, the float32 maximum, before the first norm is recorded).",
+        "(`inf` before the first norm is recorded).",
     ("QuantileState", "history_filled"):
         "norms recorded in each group's history so far, at most `history_length`.",
     ("ZScoreState", "ema_mean"):
@@ -50,10 +50,10 @@ POLICY_KEYS = {
         "largest reference norm gamma (EMA of clipped norms) over all groups.",
     ("AdaGCState", "policy_steps"):
         "finite steps the AdaGC policy has seen.",
-    ("SkipSpikesState", "mean"):
-        "bias-corrected EMA mean of the watched scalar (0 before the first observation).",
-    ("SkipSpikesState", "std"):
-        "bias-corrected EMA standard deviation of the watched scalar.",
+    ("MonitorState", "max_grad_norm"):
+        "largest group norm of what flowed through on the last step.",
+    ("MonitorState", "max_param_norm"):
+        "largest group norm of the params on the last step.",
 }
 
 

@@ -46,8 +46,9 @@ TRANSFORMS = {
     "accumulate": lambda ax: ostab.accumulate(optax.sgd(0.1), 2, axis_name=ax),
     "dynamic_loss_scale": lambda ax: ostab.dynamic_loss_scale(
         optax.sgd(0.1), init_scale=4.0, growth_interval=2, axis_name=ax),
+    "monitor": lambda ax: ostab.monitor(history=4, axis_name=ax),
 }
-NAN_ON_ONE_DEVICE = {"skip_nonfinite", "accumulate", "dynamic_loss_scale"}
+NAN_ON_ONE_DEVICE = {"skip_nonfinite", "accumulate", "dynamic_loss_scale", "monitor"}
 
 split = jax.tree.map(lambda _: P("x"), params)
 for name, make in TRANSFORMS.items():
