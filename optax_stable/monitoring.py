@@ -22,10 +22,12 @@ class MonitorState(NamedTuple):
   Attributes:
     step: steps seen.
     grad_norms: the last step's norm of each group of what flowed through (the gradient, or
-      the update where `monitor` follows a transform that rescales it).
+      the update where `monitor` follows a transform that rescales it); empty without
+      `"grad"`.
     param_norms: the last step's norm of each group of the params (empty without `"param"`).
-    history: ring buffer of `grad_norms`, row `step % len(history)`; it stops at the first
-      step with a non-finite group norm, so that step and the ones before it stay readable.
+    history: ring buffer of `grad_norms` (of `param_norms` without `"grad"`), row
+      `step % len(history)`; it stops at the first step with a non-finite group norm, so that
+      step and the ones before it stay readable.
     first_nonfinite_step: the first step with a non-finite group norm, or -1.
     first_nonfinite_groups: which groups were non-finite at that step.
     group_names: each group's name as ASCII codes, zero-padded (`group_names` decodes them):
@@ -44,10 +46,10 @@ class MonitorState(NamedTuple):
 
   def telemetry(self) -> dict[str, Any]:
     """Whole-tree scalars: the largest group norms and the first non-finite step."""
-    report = {"step": self.step, "first_nonfinite_step": self.first_nonfinite_step,
-              "max_grad_norm": jnp.max(self.grad_norms, initial=0.0)}
-    if self.param_norms.size:
-      report["max_param_norm"] = jnp.max(self.param_norms, initial=0.0)
+    report = {"step": self.step, "first_nonfinite_step": self.first_nonfinite_step}
+    for quantity, norms in (("grad_norm", self.grad_norms), ("param_norm", self.param_norms)):
+      if norms.size:
+        report[f"max_{quantity}"] = jnp.max(norms)
     return report
 
   def per_group_telemetry(self) -> dict[str, Any]:
@@ -75,7 +77,7 @@ def _encode(names: Sequence[str]) -> jax.Array:
   return jnp.zeros(codes.shape, jnp.uint8) + codes
 
 
-def _names(params: Any, grouping: scopes.Grouping, layout: scopes.GroupLayout) -> list[str]:
+def _names(grouping: scopes.Grouping, layout: scopes.GroupLayout) -> list[str]:
   """One name per norm of `layout`'s groups, in the order `scopes.flat` lays the norms out.
 
   The whole tree is `global`; leaves at the root of the tree are the group `root` at scope
@@ -155,11 +157,10 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
 
   def init_fn(params):
     layout = scopes.describe_groups(params, scope=scope, stacked=stacked, exclude=exclude)
-    names = _names(params, grouping, layout)
-    zeros = jnp.zeros((len(names),), jnp.float32)
+    names = _names(grouping, layout)
+    norms = lambda item: jnp.zeros((len(names) if item in what else 0,), jnp.float32)
     return MonitorState(
-        step=jnp.zeros((), jnp.int32), grad_norms=zeros,
-        param_norms=zeros if "param" in what else jnp.zeros((0,), jnp.float32),
+        step=jnp.zeros((), jnp.int32), grad_norms=norms("grad"), param_norms=norms("param"),
         history=jnp.zeros((history, len(names)), jnp.float32),
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
         first_nonfinite_groups=jnp.zeros((len(names),), bool), group_names=_encode(names))
@@ -175,13 +176,15 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         raise ValueError("`monitor(what=(..., 'param'))` needs the params: call "
                          "`update(updates, state, params)`.")
       param_norms = norms_of(params, "params")
-    nonfinite = ~jnp.isfinite(grad_norms)
+    recorded = grad_norms if "grad" in what else param_norms
+    nonfinite = ~jnp.isfinite(recorded)
     recording = state.first_nonfinite_step < 0
     first = recording & jnp.any(nonfinite)
     row = state.step % history
     return updates, MonitorState(
         step=state.step + 1, grad_norms=grad_norms, param_norms=param_norms,
-        history=jnp.where(recording, state.history.at[row].set(grad_norms), state.history),
+        # Only row `row` changes: with a donated state the ring is written in place.
+        history=state.history.at[row].set(jnp.where(recording, recorded, state.history[row])),
         first_nonfinite_step=jnp.where(first, state.step, state.first_nonfinite_step),
         first_nonfinite_groups=jnp.where(first, nonfinite, state.first_nonfinite_groups),
         group_names=state.group_names)

@@ -28,15 +28,12 @@ def _is_monitor_state(node: Any) -> bool:
 
 def _monitor_state(tree: Any) -> monitoring.MonitorState:
   """The first `MonitorState` in `tree` (an optimizer state, a checkpoint's restored tree)."""
-  leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda node: _is_monitor_state(node)
-                                     or _compat.is_nnx_variable(node))
-  for leaf in leaves:
-    if _compat.is_nnx_variable(leaf):
-      leaf = _compat.nnx_variable_value(leaf)
+  unwrap = lambda x: _compat.nnx_variable_value(x) if _compat.is_nnx_variable(x) else x
+  for leaf in jax.tree_util.tree_leaves(tree, is_leaf=_is_monitor_state):
     if _is_monitor_state(leaf):
       fields = leaf._asdict() if isinstance(leaf, tuple) else leaf
-      return monitoring.MonitorState(
-          **{name: np.asarray(fields[name]) for name in monitoring.MonitorState._fields})
+      return monitoring.MonitorState(**{name: np.asarray(unwrap(fields[name]))
+                                        for name in monitoring.MonitorState._fields})
   raise ValueError("No `ostab.monitor` state found: put `ostab.monitor()` in the optimizer.")
 
 

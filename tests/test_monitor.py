@@ -80,6 +80,17 @@ def test_after_adam_it_sees_the_update_and_passes_everything_through():
                              float(optax.tree.norm(reference)), rtol=1e-6)
 
 
+def test_params_alone_are_recorded_and_reported():
+  tx = ostab.monitor(what=("param",), scope="global", history=2)
+  _, state = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
+  norm = _layer_norm(*jax.tree.leaves(PARAMS))
+  assert state.grad_norms.shape == (0,)
+  np.testing.assert_allclose(state.history[0], [norm], rtol=1e-6)
+  assert set(ostab.stats(state, per_group=True)) == {
+      "monitor/step", "monitor/first_nonfinite_step", "monitor/max_param_norm",
+      "monitor/param_norm/global"}
+
+
 def _blow_up_run(steps=12, bad_step=9, history=8):
   """`blocks/mlp` grows 10x a step from step 6 and is NaN at `bad_step`; a guard skips it."""
   tx = optax.chain(ostab.monitor(stacked=None, history=history),
