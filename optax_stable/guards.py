@@ -204,7 +204,8 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
   compared with the *level*, the median of the latest 16 healthy values, in log space: the
   step is a spike when its log ratio to the level is more than `z_thresh` robust standard
   deviations (1.4826 median absolute deviations of the same log ratios over the last `window`
-  healthy steps) above zero, or when the value is more than `ratio_thresh` times the level. A
+  healthy steps, at least 1e-3 so that a constant loss's rounding is no spike) above zero, or
+  when the value is more than `ratio_thresh` times the level. A
   spike returns zero updates and leaves `inner`'s state exactly as it was (the "skip the
   batch" remedy of large-model training) and does not enter the window. After
   `max_consecutive` skips in a row the next spike is let through, counted in `level_shifts`,
