@@ -21,7 +21,6 @@ from optax_stable.clipping import clip
 from optax_stable.clipping import clip_by_global_norm
 from optax_stable.clipping import clip_by_norm
 from optax_stable.clipping import zclip
-from optax_stable.reports import flight_report
 from optax_stable.guards import SkipNonfiniteState
 from optax_stable.guards import SkipSpikesState
 from optax_stable.guards import skip_nonfinite
@@ -36,6 +35,7 @@ from optax_stable.monitoring import monitor
 from optax_stable.paths import path_mask
 from optax_stable.paths import path_str
 from optax_stable.policies import ThresholdPolicy
+from optax_stable.reports import flight_report
 from optax_stable.scopes import GroupInfo
 from optax_stable.scopes import GroupLayout
 from optax_stable.scopes import describe_groups

@@ -276,9 +276,9 @@ def robust_adamw(learning_rate: optax.ScalarOrSchedule, *, b1: float = 0.9, b2: 
   (`dynamic_loss_scale` only with `loss_scale=True`, `accumulate` only when `every_k > 1`,
   `skip_spikes` only with `skip_spikes=True`, `skip_nonfinite` unless
   `skip_nonfinite=False`.) Inside `accumulate`, `skip_spikes` judges the mean loss of the
-  real step's micro-batches. Adam's moments are float32 whatever the
-  params' dtype (`with_float32_state`: a no-op on float32 params), so float16 and bfloat16
-  params never get a non-finite update from finite gradients, zero ones included. The
+  real step's micro-batches. Adam's moments are float32 whatever the params' dtype
+  (`with_float32_state`: a no-op on float32 params), so float16 and bfloat16 params never
+  get a non-finite update from finite gradients, zero ones included. The
   order matters: clipping sees the raw (accumulated) gradient before Adam rescales it, and
   decay is AdamW's, proportional to the learning rate, masked off biases and norm scales. The
   default clipping keeps zclip's absolute cap (`max_norm=1.0`) besides its adaptive threshold:
