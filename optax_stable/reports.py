@@ -88,7 +88,8 @@ def flight_report(state_or_checkpoint_dir: Any, *, png_path: str | os.PathLike |
   report = {"first_nonfinite_step": None if first < 0 else first,
             "first_nonfinite_groups": [name for name, bad in
                                        zip(groups, state.first_nonfinite_groups) if bad],
-            "spiked_before": [], "steps": steps, "groups": groups, "norms": norms,
+            "spiked_before": _spiked_before(norms, groups) if first >= 0 else [],
+            "steps": steps, "groups": groups, "norms": norms,
             "png_path": None if png_path is None else str(png_path)}
   report["summary"] = _summary(report)
   if png_path is not None:
@@ -96,13 +97,23 @@ def flight_report(state_or_checkpoint_dir: Any, *, png_path: str | os.PathLike |
   return report
 
 
+def _spiked_before(norms: np.ndarray, groups: list[str]) -> list[str]:
+  """Groups whose norm exceeded `_SPIKE_FACTOR` x its median over the recorded steps before the
+  first non-finite one (the last row), in the last `_LEAD_STEPS` of them."""
+  before = norms[:-1]
+  if not len(before):
+    return []
+  spiked = np.any(before[-_LEAD_STEPS:] > _SPIKE_FACTOR * np.median(before, axis=0), axis=0)
+  return [name for name, flag in zip(groups, spiked) if flag]
+
+
 def _summary(report: dict[str, Any]) -> str:
   steps, norms, groups = report["steps"], report["norms"], report["groups"]
-  if not steps:
+  if not steps or not groups:
     return "Nothing recorded yet."
   first = report["first_nonfinite_step"]
   if first is None:
-    group, step = np.unravel_index(np.argmax(norms.T), norms.T.shape)
+    step, group = np.unravel_index(np.argmax(norms), norms.shape)
     return (f"No non-finite step in steps {steps[0]}-{steps[-1]}; the largest group norm was "
             f"{norms[step, group]:.3g}, in {groups[group]} at step {steps[step]}.")
   before = norms[:-1]  # the recorded steps before the first non-finite one
@@ -115,11 +126,9 @@ def _summary(report: dict[str, Any]) -> str:
     ratio_text = f"{ratio:,.0f}" if ratio >= 10 else f"{ratio:.2g}"
     text += (f" Its norm at step {steps[-2]} was {ratio_text}x its median over the "
              f"{len(before)} steps before.")
-    spiked = np.any(before[-_LEAD_STEPS:] > _SPIKE_FACTOR * median, axis=0)
-    report["spiked_before"] = [name for name, flag in zip(groups, spiked) if flag]
-    count = len(report["spiked_before"])
+    spiked, count = report["spiked_before"], len(report["spiked_before"])
     text += (f" {count} group{'s' if count != 1 else ''} spiked in the {_LEAD_STEPS} steps "
-             f"before it" + (f": {', '.join(report['spiked_before'])}." if count else "."))
+             f"before it" + (f": {', '.join(spiked)}." if count else "."))
   return text
 
 
