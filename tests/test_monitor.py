@@ -57,7 +57,7 @@ def test_per_group_norms_of_a_stacked_model_one_entry_per_layer():
 
 def test_every_scope_names_its_groups():
   names = lambda **kw: ostab.monitor(what=("grad",), **kw).init(PARAMS).group_names
-  decode = lambda codes: monitoring.group_names(codes)
+  decode = monitoring.group_names
   assert decode(names(scope="global")) == ["global"]
   assert decode(names(scope="leaf")) == ["blocks/attn/kernel", "blocks/mlp/bias",
                                          "blocks/mlp/kernel", "head/kernel"]
