@@ -178,7 +178,7 @@ def _median(values: jax.Array, valid: jax.Array) -> jax.Array:
   return jnp.where(n > 0, middle, 0.0)
 
 
-def _window_statistics(state: "SkipSpikesState", level_span: int):
+def _window_statistics(state: SkipSpikesState, level_span: int) -> tuple[jax.Array, jax.Array]:
   """Log of the level (median of the latest `level_span` values) and the residuals' robust
   standard deviation."""
   window = state.log_values.shape[0]

@@ -54,12 +54,11 @@ class MonitorState(NamedTuple):
 
   def per_group_telemetry(self) -> dict[str, Any]:
     """`{"grad_norm/<group>": norm, "param_norm/<group>": norm}`: needs concrete names."""
-    report = {}
-    for quantity, norms in (("grad_norm", self.grad_norms), ("param_norm", self.param_norms)):
-      if norms.size:
-        report.update({f"{quantity}/{name}": norms[i]
-                       for i, name in enumerate(group_names(self.group_names))})
-    return report
+    names = group_names(self.group_names)
+    return {f"{quantity}/{name}": norms[i]
+            for quantity, norms in (("grad_norm", self.grad_norms),
+                                    ("param_norm", self.param_norms)) if norms.size
+            for i, name in enumerate(names)}
 
 
 def group_names(codes: Any) -> list[str]:
