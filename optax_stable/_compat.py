@@ -8,6 +8,7 @@ explicit mesh axes means no sharding in an array's type, so nothing to reshard).
 from typing import Any
 
 import jax
+from jax.extend import core as jax_core
 
 
 def _find_reshard() -> Any:
@@ -55,3 +56,21 @@ def nnx_variable_value(variable: Any) -> Any:
   """The array inside an NNX `Variable`: `get_value()` (Flax >= 0.12.1), else `.value`."""
   get_value = getattr(variable, "get_value", None)
   return get_value() if callable(get_value) else variable.value
+
+
+def is_literal(atom: Any) -> bool:
+  """Whether a jaxpr equation's operand is a literal constant rather than a variable."""
+  return isinstance(atom, jax_core.Literal)
+
+
+def bind_equation(eqn: Any, operands: list[Any]) -> list[Any]:
+  """Applies a jaxpr equation's primitive to `operands` in the current trace: its outputs.
+
+  What `jax.core.eval_jaxpr` does for one equation. `get_bind_params` returns the params
+  alone on JAX >= 0.7 and `(subfuns, params)` before.
+  """
+  bind_params = eqn.primitive.get_bind_params(eqn.params)
+  subfuns, bind_params = bind_params if isinstance(bind_params, tuple) else ((), bind_params)
+  with eqn.ctx.manager:
+    outputs = eqn.primitive.bind(*subfuns, *operands, **bind_params)
+  return list(outputs) if eqn.primitive.multiple_results else [outputs]

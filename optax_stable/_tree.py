@@ -79,7 +79,7 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
 
   A `lax.cond`, not a `where` over both results: `run` (`accumulate`'s "final micro-step with
   a finite gradient") is not one opaque value, and XLA CPU copies such a predicate into every
-  leaf's select (see `keep_where`); the conditional also skips the inner work. Both
+  leaf's select (see `_discard`); the conditional also skips the inner work. Both
   branches return one type: the new state is cast to the old one's (`cast_like`), and the
   zero updates are built from the real `updates` (an inner update has their shapes and
   sharding), in the dtypes `update` returns.
@@ -93,19 +93,6 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
     return jax.tree.map(lambda u, d: jnp.zeros_like(u, d.dtype), updates, dtypes), state
 
   return jax.lax.cond(run, step, keep, state)
-
-
-def keep_where(keep: jax.Array, new_updates: Any, new_state: Any, state: Any) -> tuple[Any, Any]:
-  """Zero updates and `state` where `keep`, else the new ones: `update_or_keep` after the fact.
-
-  For a step whose inner update has run anyway (its verdict came out of the inner chain's own
-  norm pass): XLA fuses each `where` into the kernel that computes the new value, so keeping
-  costs no memory traffic. `keep` must be one opaque value, such as a loop's output: a
-  predicate XLA can fuse is copied into every leaf's kernel, and compile time grows with the
-  square of the leaf count.
-  """
-  updates = jax.tree.map(lambda u: jnp.where(keep, jnp.zeros_like(u), u), new_updates)
-  return updates, select(keep, state, cast_like(new_state, state))
 
 
 def check_matches(expected: Any, actual: Any, what: str,

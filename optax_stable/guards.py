@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_stable import _finite_verdict
+from optax_stable import _discard
 from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import scopes
@@ -93,19 +93,21 @@ def skip_nonfinite(
     # "Is every element finite?" comes out of a norm pass's loop (`scopes.Partition.norms`):
     # that of a clip at the head of `inner` which measures all of the gradient (see
     # `_finite_verdict`), so the guard reads nothing, or else a global one of the guard's own.
-    # `inner` runs unconditionally and a skipped step is undone by `where`s that XLA fuses into
-    # `inner`'s own kernels. The verdict must come out of a loop: XLA copies a predicate it can
-    # fuse into every leaf's kernel, a compile time quadratic in the number of leaves.
-    new_updates, new_inner_state, finite = _finite_verdict.update_watched(
-        inner, updates, state.inner_state, params, extra_args, axis_name)
-    if finite is None:
-      finite = own_norm_pass.partition(updates).norms(updates)[1]
+    # `inner` runs unconditionally and a skipped step is undone inside it (`_discard`). The
+    # verdict must come out of a loop: XLA copies a predicate it can fuse into every leaf's
+    # kernel, a compile time quadratic in the number of leaves.
+    def decide(finite):
+      if finite is None:
+        finite = own_norm_pass.partition(updates).norms(updates)[1]
+      skip = ~finite
+      if max_consecutive is not None:
+        skip = skip & (state.consecutive_skips < max_consecutive)
+      return skip, (finite, skip)
+
+    new_updates, inner_state, (finite, skip) = _discard.update_unless(
+        inner, updates, state.inner_state, params, extra_args, decide=decide,
+        axis_name=axis_name)
     nonfinite = ~finite
-    skip = nonfinite
-    if max_consecutive is not None:
-      skip = skip & (state.consecutive_skips < max_consecutive)
-    new_updates, inner_state = _tree.keep_where(skip, new_updates, new_inner_state,
-                                                state.inner_state)
     skipped = skip.astype(jnp.int32)
     return new_updates, SkipNonfiniteState(
         inner_state=inner_state,
@@ -313,8 +315,9 @@ def skip_spikes(inner: optax.GradientTransformation, *, z_thresh: float | jax.Ar
 
     # As in `skip_nonfinite`: `skip` is a scalar of the loss, or of a norm that came out of
     # a loop, so the `where`s compile in linear time and fuse into `inner`'s kernels.
-    new_updates, inner_state = _tree.keep_where(
-        skip, *inner.update(updates, state.inner_state, params, **extra_args), state.inner_state)
+    new_updates, inner_state, _ = _discard.update_unless(
+        inner, updates, state.inner_state, params, extra_args,
+        decide=lambda unused_verdict: (skip, None))
     spike_skip = (skip & spike).astype(jnp.int32)
     return new_updates, SkipSpikesState(
         inner_state=inner_state, count=count, log_values=log_values,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_stable import _finite_verdict
+from optax_stable import _discard
 from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import scopes
@@ -136,14 +136,16 @@ def dynamic_loss_scale(
     # incoming gradients, not the unscaled ones: the pass is a loop, whose operands XLA
     # writes out, while the division fuses into `inner`'s kernels (2 reads fewer). The
     # unscaled gradients are finite when these are and their norm divided by the scale is.
-    new_updates, new_inner_state, finite = _finite_verdict.update_watched(
-        inner, unscaled, state.inner_state, params, extra_args, axis_name)
-    if finite is None:
-      norms, finite = own_norm_pass.partition(updates).norms(updates)
-      finite = finite & jnp.all(jnp.isfinite(scopes.flat(norms) / scale))
+    def decide(finite):
+      if finite is None:
+        norms, finite = own_norm_pass.partition(updates).norms(updates)
+        finite = finite & jnp.all(jnp.isfinite(scopes.flat(norms) / scale))
+      return ~finite, finite
+
+    new_updates, inner_state, finite = _discard.update_unless(
+        inner, unscaled, state.inner_state, params, extra_args, decide=decide,
+        axis_name=axis_name)
     new_updates = jax.tree.map(lambda u, g: u.astype(g.dtype), new_updates, updates)
-    new_updates, inner_state = _tree.keep_where(~finite, new_updates, new_inner_state,
-                                                state.inner_state)
 
     grow = state.good_steps == growth_interval
     grown = jnp.where(grow, jnp.minimum(scale * growth_factor, _FLOAT32_MAX), scale)

@@ -57,6 +57,33 @@ def test_skipped_step_leaves_the_run_as_if_it_never_happened(guarded):
                guarded_state.inner_state, clean)
 
 
+def test_nested_guards_each_undo_their_own_skips_whole():
+  """A loss spike (the outer guard's verdict) and a NaN gradient (the inner one's) both leave
+  the run as if the step never happened: each guard keeps the state in place for both."""
+  tx = ostab.skip_spikes(ostab.skip_nonfinite(_INNER), warmup_steps=3)
+  update = jax.jit(tx.update)
+  rng = np.random.default_rng(1)
+  params = {"w": jnp.zeros((4,))}
+  clean, state = _INNER.init(params), tx.init(params)
+  for step in range(10):
+    g = {"w": jnp.asarray(rng.normal(size=(4,)), jnp.float32)}
+    loss = 1.0 + 0.01 * step
+    if step == 6:
+      skipped_updates, state = update(g, state, params, value=1000.0)
+      assert bool(state.skipped) and not bool(state.inner_state.skipped)
+      assert not np.any(skipped_updates["w"])
+    if step == 8:
+      skipped_updates, state = update({"w": g["w"].at[0].set(jnp.nan)}, state, params,
+                                      value=loss)
+      assert bool(state.inner_state.skipped) and not bool(state.skipped)
+      assert not np.any(skipped_updates["w"])
+    clean_updates, clean = _INNER.update(g, clean, params)
+    guarded_updates, state = update(g, state, params, value=loss)
+    np.testing.assert_allclose(guarded_updates["w"], clean_updates["w"], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5),
+               state.inner_state.inner_state, clean)
+
+
 @pytest.mark.parametrize("inner", [
     # The clip measures the gradient: the guard takes its verdict from the clip's norms.
     optax.chain(ostab.clip_by_norm(1.0, scope="unit"), optax.adam(1e-2)),
