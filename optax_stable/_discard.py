@@ -10,7 +10,8 @@ the kept moments back: `skip_nonfinite(adam)` 11.0x param bytes against Adam's 9
 So the inner update is traced to a jaxpr and evaluated here with every new state value
 replaced, as soon as it is computed, by its kept value `where(skip, old, new)` behind an
 optimization barrier: everything computed from the new state afterwards (Adam's update) reads
-what is kept. On a step that is not skipped, nothing changes; on a skipped one, the state
+what is kept. A guard nested in `inner` has done the same, so the state values it returns
+come out of such a barrier, and the `where` goes before it. On a step that is not skipped, nothing changes; on a skipped one, the state
 is the old one and the updates are zeros whatever they were computed from. The verdict may
 come out of `inner` itself (a clip's norm pass, see `_finite_verdict`), so the replacement
 starts at the equation that computes it; state computed before that is kept by the final
@@ -32,16 +33,8 @@ from optax_stable import _tree
 Verdict = jax.Array | None
 
 
-@jax.jit
-def _keep(skip: jax.Array, old: list[jax.Array], new: list[jax.Array]) -> list[jax.Array]:
-  """`where(skip, old, new)` leafwise, behind a barrier that stops XLA from fusing the `where`
-  into the kernels that read the kept values (which would compute `new` again); a call of
-  its own, so that an enclosing guard can find it (`_is_keep`)."""
-  return jax.lax.optimization_barrier([jnp.where(skip, o, n) for o, n in zip(old, new)])
-
-
-def _is_keep(eqn: Any) -> bool:
-  return eqn.params.get("name") == _keep.__name__
+def _kept(skip: jax.Array, old: jax.Array, new: jax.Array) -> jax.Array:
+  return jnp.where(skip, _compat.reshard_like(old.astype(new.dtype), new), new)
 
 
 def update_unless(inner: Any, updates: Any, state: Any, params: Any, extra_args: dict, *,
@@ -99,20 +92,21 @@ def update_unless(inner: Any, updates: Any, state: Any, params: Any, extra_args:
   for eqn in jaxpr.eqns:
     operands = [read(var) for var in eqn.invars]
     now = [var for var in eqn.outvars if var in kept_old] if skip is not None else []
-    # A guard nested in `inner` keeps its state the same way; where it keeps exactly our
-    # old state, its `_keep` takes our skip too, so the update reads what both keep.
-    nested = now and _is_keep(eqn) and len(now) == len(eqn.outvars) and all(
-        old is kept_old[var] for old, var in zip(operands[1:1 + len(now)], eqn.outvars))
-    if nested:
-      operands[0] = operands[0] | skip
+    # A barrier is where a guard nested in `inner` keeps its state (below): keeping ours
+    # before it, not after, leaves the update reading what both keep.
+    before = bool(now) and eqn.primitive.name == "optimization_barrier"
+    if before:
+      operands = [_kept(skip, kept_old[var], operand) if var in kept_old else operand
+                  for var, operand in zip(eqn.outvars, operands)]
     env.update(zip(eqn.outvars, _compat.bind_equation(eqn, operands)))
     if skip is None and verdict_var in eqn.outvars:
       _finite_verdict.offer(updates, env[verdict_var])  # to a guard enclosing this one
       skip, decided = decide(agree(env[verdict_var]))
-    elif now and not nested:
-      env.update(zip(now, _keep(skip, [_compat.reshard_like(
-          kept_old[var].astype(env[var].dtype), env[var]) for var in now],
-                                [env[var] for var in now])))
+    elif now and not before:
+      # The barrier stops XLA from fusing the `where` into the kernels that read the kept
+      # values, which would compute the new ones again.
+      env.update(zip(now, jax.lax.optimization_barrier(
+          [_kept(skip, kept_old[var], env[var]) for var in now])))
     replaced.update(now)
   if skip is None:  # the verdict was a value passed through, e.g. a constant
     skip, decided = decide(agree(read(verdict_var)))
