@@ -315,15 +315,16 @@ def microbatch_table(batch: int, hidden: int) -> list[dict[str, Any]]:
 def _merged(previous: dict[str, Any], rerun: dict[str, Any], how: str) -> dict[str, Any]:
   """`previous` with the transforms rows of `rerun` replacing or joining its own."""
   rows = previous["transforms"]
-  index = {(row["tree"], row["transform"]): i for i, row in enumerate(rows)}
+  key_of = lambda row: (row["tree"], row["transform"], row["baseline"])
+  index = {key_of(row): i for i, row in enumerate(rows)}
   for row in rerun["transforms"]:
-    key = (row["tree"], row["transform"])
+    key = key_of(row)
     if key in index:
       rows[index[key]] = row
     else:  # after the last row of its tree
       last = max((i for i, r in enumerate(rows) if r["tree"] == row["tree"]), default=-1)
       rows.insert(last + 1, row)
-      index = {(r["tree"], r["transform"]): i for i, r in enumerate(rows)}
+      index = {key_of(r): i for i, r in enumerate(rows)}
   rerun_names = sorted({row["transform"] for row in rerun["transforms"]})
   note = (f"{', '.join(rerun_names)} re-run with {how} on {rerun['machine']} "
           f"(repeats {rerun['repeats']}, quick {rerun['quick']}).")
