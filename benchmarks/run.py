@@ -137,6 +137,11 @@ def pairs() -> list[Pair]:
       Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD),
            {"bytes_x": 11.0, "time_ratio": 1.1}),
+      # The same recipe against what Optax offers for it: a guard around clip + AdamW.
+      Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
+           "apply_if_finite(chain(optax.clip, adamw))",
+           lambda: optax.apply_if_finite(
+               optax.chain(optax_clip(), optax.adamw(LR, weight_decay=WD)), 10)),
       # The low-precision issue's targets: the loss scale costs one read of the gradients.
       Pair("ostab.dynamic_loss_scale(adam)", lambda: ostab.dynamic_loss_scale(_adam()),
            "optax.adam", _adam, {"bytes_x": 10.05, "time_ratio": 1.05}),
