@@ -10,14 +10,14 @@ the kept moments back: `skip_nonfinite(adam)` 11.0x param bytes against Adam's 9
 So the inner update is traced to a jaxpr and evaluated here with every new state value
 replaced, as soon as it is computed, by its kept value `where(skip, old, new)` behind an
 optimization barrier: everything computed from the new state afterwards (Adam's update) reads
-what is kept. A guard nested in `inner` has done the same, so the state values it returns
-come out of such a barrier, and the `where` goes before it. On a step that is not skipped, nothing changes; on a skipped one, the state
-is the old one and the updates are zeros whatever they were computed from. The verdict may
-come out of `inner` itself (a clip's norm pass, see `_finite_verdict`), so the replacement
-starts at the equation that computes it; state computed before that is kept by the final
-`where`s alone. "Skip" must be one opaque value, such as a loop's output: a predicate XLA can
-fuse is copied into every leaf's kernel, and compile time grows with the square of the leaf
-count.
+what is kept. On a step that is not skipped, nothing changes; on a skipped one, the state is
+the old one and the updates are zeros whatever they were computed from. A guard nested in
+`inner` has done the same, so the state values it returns come out of such a barrier, and
+the `where` goes before it. The verdict may come out of `inner` itself (a clip's norm pass,
+see `_finite_verdict`), so the replacement starts at the equation that computes it; state
+computed before that is kept by the final `where`s alone. "Skip" must be one opaque value,
+such as a loop's output: a predicate XLA can fuse is copied into every leaf's kernel, and
+compile time grows with the square of the leaf count.
 """
 
 from collections.abc import Callable

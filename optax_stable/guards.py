@@ -7,7 +7,6 @@ import jax.numpy as jnp
 import optax
 
 from optax_stable import _discard
-from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import scopes
 
