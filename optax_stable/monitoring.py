@@ -164,20 +164,15 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         first_nonfinite_step=jnp.full((), -1, jnp.int32),
         first_nonfinite_groups=jnp.zeros((len(names),), bool), group_names=_encode(names))
 
-  def norms_of(tree, what_name):
-    partition = grouping.partition(tree)
-    if what_name == "params":
-      return scopes.flat(partition.plain_norms(tree))
-    return scopes.flat(partition.norms(tree, what_name)[0])
-
   def update_fn(updates, state, params=None):
-    grad_norms = norms_of(updates, "updates") if "grad" in what else state.grad_norms
+    grad_norms = (scopes.flat(grouping.partition(updates).norms(updates)[0]) if "grad" in what
+                  else state.grad_norms)
     param_norms = state.param_norms
     if "param" in what:
       if params is None:
         raise ValueError("`monitor(what=(..., 'param'))` needs the params: call "
                          "`update(updates, state, params)`.")
-      param_norms = norms_of(params, "params")
+      param_norms = scopes.flat(grouping.partition(params).plain_norms(params))
     recorded = grad_norms if "grad" in what else param_norms
     nonfinite = ~jnp.isfinite(recorded)
     recording = state.first_nonfinite_step < 0
