@@ -112,26 +112,34 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
           f"The gradients do not match the optimizer state of `{state_type.telemetry_name}`: "
           f"they form {partition.size} norm groups ({partition.group_labels[:3]}...), the state "
           "was initialised for a different tree.")
-    norms, finite = partition.norms(updates)
+    norms, finite, norm_stacks = partition.norms(updates, stacked=True)
     if partition.complete:
       _finite_verdict.offer(updates, finite)  # an enclosing `skip_nonfinite` need not read them
-    param_norms = None
+    param_norms = param_stacks = None
     if policy.needs_params:
       if params is None:
         raise ValueError(f"`{state_type.telemetry_name}` needs the parameters: call "
                          "`update(updates, state, params)`.")
       _tree.check_matches(updates, params, "params", against="the gradients")
-      param_norms = partition.plain_norms(params)
+      param_norms, param_stacks = partition.plain_norms(params, stacked=True)
     thresholds, policy_state = policy.threshold(norms, state.policy_state, param_norms)
 
-    factors = scopes.map_groups(
-        lambda threshold, norm: jnp.where(
-            finite, jnp.minimum(1.0, threshold / jnp.maximum(norm, _TINY)), 1.0),
-        thresholds, norms)
+    factor_of = lambda threshold, norm: jnp.where(
+        finite, jnp.minimum(1.0, threshold / jnp.maximum(norm, _TINY)), 1.0)
+    factors = scopes.map_groups(factor_of, thresholds, norms)
     updates = partition.scale(updates, factors)
 
-    if partition.size:
-      report = _summary(norms, factors, thresholds)
+    if partition.size and keeps_group_state:
+      report = _summary(scopes.stack_alike(norms, factors, thresholds))
+    elif partition.size:
+      # A stateless policy's thresholds are computed again on the stacked norms, so no group's
+      # threshold and factor are written out for the summary: each group's arithmetic stays
+      # inside the kernel that scales its leaves (1,500 fewer kernels for AGC on 500 leaves).
+      stacked_thresholds, _ = policy.threshold(
+          tuple(norm_stacks), state.policy_state,
+          None if param_stacks is None else tuple(param_stacks))
+      report = _summary(list(zip(norm_stacks, map(factor_of, stacked_thresholds, norm_stacks),
+                                 stacked_thresholds)))
     else:
       report = {field: getattr(state, field) for field in
                 ("grad_norm", "clipped_norm", "max_group_norm", "threshold", "scale",
@@ -144,9 +152,9 @@ def _clip(policy: policies.ThresholdPolicy, state_type: type[ClipState], scope: 
   return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _summary(norms: scopes.NormContainer, factors: scopes.NormContainer,
-             thresholds: scopes.NormContainer) -> dict[str, jax.Array]:
-  """A step's report, reduced per group shape (`scopes.stack_alike`), then across shapes.
+def _summary(stacks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> dict[str, jax.Array]:
+  """A step's report from the group norms, factors and thresholds stacked per group shape
+  (`scopes.stack_alike`), reduced per shape, then across shapes.
 
   Joining all norms into one vector first (per-unit norms: one float per output unit of every
   kernel) cost XLA CPU a write and several reads of that vector per step and a kernel with one
@@ -155,13 +163,10 @@ def _summary(norms: scopes.NormContainer, factors: scopes.NormContainer,
   """
   def per_shape(norm, factor, threshold):
     largest = jnp.max(norm, initial=0.0)
+    threshold = jnp.broadcast_to(threshold, norm.shape).astype(jnp.float32)
     return (largest, jnp.max(jnp.where(norm >= largest, threshold, -jnp.inf), initial=-jnp.inf),
             jnp.min(factor, initial=1.0), jnp.sum(factor < 1.0))
 
-  thresholds = scopes.map_groups(
-      lambda threshold, norm: jnp.broadcast_to(threshold, norm.shape).astype(jnp.float32),
-      thresholds, norms)
-  stacks = scopes.stack_alike(norms, factors, thresholds)
   largest, threshold_of_largest, smallest_factor, clipped = (
       jnp.stack(stat) for stat in zip(*(per_shape(*arrays) for arrays in stacks)))
   return dict(
@@ -169,7 +174,7 @@ def _summary(norms: scopes.NormContainer, factors: scopes.NormContainer,
       clipped_norm=scopes.combined_norm([norm * factor for norm, factor, _ in stacks]),
       max_group_norm=jnp.max(largest), threshold=threshold_of_largest[jnp.argmax(largest)],
       scale=jnp.min(smallest_factor),
-      clipped_fraction=jnp.sum(clipped) / sum(jnp.size(norm) for norm in jax.tree.leaves(norms)))
+      clipped_fraction=jnp.sum(clipped) / sum(jnp.size(norm) for norm, _, _ in stacks))
 
 
 def clip(policy: policies.ThresholdPolicy, *, scope: scopes.Scope = "global",

@@ -214,22 +214,46 @@ class Partition:
   def _group_sums(self, leaves: list[Any], leaf_sum: Callable) -> tuple[jax.Array, ...]:
     return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
 
-  def plain_norms(self, tree: Any, what: str = "params") -> NormContainer:
+  def _stacked(self, norm_of: Callable[..., jax.Array],
+               *group_stats: tuple[jax.Array, ...]) -> list[jax.Array]:
+    """`norm_of` applied to per-group statistics stacked by shape (`stack_alike`'s order).
+
+    The norms a step's summary reduces, taken from the pass's own sums: stacking the group
+    norms themselves would make each group's `sqrt` an XLA kernel of its own (XLA does not
+    copy an expensive op into its two consumers, the stack and the leaf it scales).
+    """
+    if not self.group_arrays:
+      return [self._container(map_groups(norm_of, *group_stats))]
+    return [norm_of(*stacked) for stacked in stack_alike(*group_stats)]
+
+  def plain_norms(self, tree: Any, what: str = "params", *,
+                  stacked: bool = False) -> NormContainer | tuple[NormContainer, list[jax.Array]]:
     """Float32 L2 norm of every group of `tree` in one plain pass, without `norms`' overflow
     pass: for parameters, whose squared group norms would have to exceed float32's 3.4e38
     (overflowing to inf, as in the references) before the loop could matter. Compiles in
-    about half the time of `norms` at 1,000 leaves and runs faster (no loop)."""
+    about half the time of `norms` at 1,000 leaves and runs faster (no loop).
+
+    With `stacked`, also returns the norms stacked by group shape (see `norms`).
+    """
     leaves = self._leaves(tree, what)
     squares = self._group_sums(leaves, lambda leaf, plan: jnp.sum(
         _abs_sq(leaf.astype(_compute_dtype(leaf))), axis=plan.reduce_axes))
-    return self._container(map_groups(jnp.sqrt, squares))
+    norms = self._container(map_groups(jnp.sqrt, squares))
+    return (norms, self._stacked(jnp.sqrt, squares)) if stacked else norms
 
-  def norms(self, tree: Any, what: str = "updates") -> tuple[NormContainer, jax.Array]:
+  def norms(self, tree: Any, what: str = "updates", *, stacked: bool = False) -> tuple[Any, ...]:
     """Float32 L2 norm of every group of `tree` (one read of every leaf).
+
+    Args:
+      tree: a tree of the partition's structure.
+      what: its name, for the error raised when its structure differs.
+      stacked: also return the norms stacked by group shape, as `stack_alike` stacks them
+        (one array for a vector container), for reductions over every group.
 
     Returns:
       The norm container, and a boolean scalar: whether every element of every group is
-      finite (the same pass answers it: a NaN or an Inf makes its group's norm non-finite).
+      finite (the same pass answers it: a NaN or an Inf makes its group's norm non-finite);
+      with `stacked`, the list of stacked norms third.
     """
     leaves = self._leaves(tree, what)
     group_sums = functools.partial(self._group_sums, leaves)
@@ -282,7 +306,11 @@ class Partition:
       scales = map_groups(lambda sq, scale: jnp.where(
           (passes > 0) & jnp.isinf(sq), _OVERFLOW_SCALE, scale), squares, scales)
       squares = scaled_squares(scales)
-      return passes + 1, scales, squares, _tree.all_finite(squares)
+      # The largest sum of squares is finite only if all are (XLA's max propagates NaN): a
+      # kernel per group shape, where checking each group's array was a kernel per group.
+      largest = [jnp.max(stack, initial=0.0) for stack, in stack_alike(squares)]
+      finite = jnp.isfinite(jnp.max(jnp.stack(largest))) if largest else jnp.array(True)
+      return passes + 1, scales, squares, finite
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
@@ -291,8 +319,9 @@ class Partition:
         lambda leaf, plan: jnp.sum(jnp.real(leaf), axis=plan.reduce_axes, dtype=jnp.float32)))
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
-    return self._container(map_groups(lambda sq, scale: jnp.sqrt(sq) / scale, squares,
-                                      scales)), finite
+    norm_of = lambda square, scale: jnp.sqrt(square) / scale
+    norms = self._container(map_groups(norm_of, squares, scales))
+    return (norms, finite, self._stacked(norm_of, squares, scales)) if stacked else (norms, finite)
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
