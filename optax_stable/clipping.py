@@ -160,9 +160,9 @@ def _factor(threshold: jax.Array, norm: jax.Array, *, finite: jax.Array) -> jax.
   a fraction of `jnp`'s.
   """
   threshold = jax.lax.convert_element_type(jnp.broadcast_to(threshold, norm.shape), norm.dtype)
+  ratio = jax.lax.div(threshold, jax.lax.max(norm, np.asarray(_TINY, norm.dtype)))
   one = jax.lax.full_like(norm, 1.0)
-  return jax.lax.select(
-      finite, jax.lax.min(one, jax.lax.div(threshold, jax.lax.max(norm, np.asarray(_TINY, norm.dtype)))), one)
+  return jax.lax.select(finite, jax.lax.min(one, ratio), one)
 
 
 def _summary(stacks: list[tuple[jax.Array, jax.Array, jax.Array]]) -> dict[str, jax.Array]:
