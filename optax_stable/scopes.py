@@ -308,7 +308,7 @@ class Partition:
       scales = map_groups(lambda sq, scale: jax.lax.select(
           overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
       squares = scaled_squares(scales)
-      return passes + 1, scales, squares, _sums_finite(squares)
+      return passes + 1, scales, squares, _tree.all_finite(squares)
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
@@ -316,7 +316,7 @@ class Partition:
     ones = map_groups(lambda total: jax.lax.full_like(total, 1.0), group_sums(
         lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes)))
     _, scales, squares, finite = jax.lax.while_loop(
-        another_pass, one_pass, (0, ones, ones, _sums_finite(ones)))
+        another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
     norm_of = lambda square, scale: jax.lax.div(jax.lax.sqrt(square), scale)
     norms = self._container(map_groups(norm_of, squares, scales))
     return (norms, finite, self._stacked(norm_of, squares, scales)) if stacked else (norms, finite)
@@ -393,15 +393,6 @@ def _times(leaf: jax.Array, values: jax.Array) -> jax.Array:
   values = jax.lax.broadcast_in_dim(jax.lax.convert_element_type(values, dtype), leaf.shape,
                                     tuple(range(leaf.ndim)))
   return jax.lax.mul(jax.lax.convert_element_type(leaf, dtype), values)
-
-
-def _sums_finite(sums: tuple[jax.Array, ...]) -> jax.Array:
-  """Whether every group's sum of squares is finite: the largest is (XLA's max propagates NaN).
-
-  A kernel per group shape; checking each group's array was a kernel per group.
-  """
-  largest = [jnp.max(stack, initial=0.0) for stack, in stack_alike(sums)]
-  return jnp.isfinite(jnp.max(jnp.stack(largest))) if largest else jnp.array(True)
 
 
 def _is_float(leaf: Any) -> bool:
