@@ -29,14 +29,16 @@ compile fastest: a leaf that reads its entry out of a shared vector becomes a di
 kernel (the slice offset is baked in), and compiling 1,000 of them took XLA CPU ~7x as long
 as the same step with per-group arrays, whose kernels are identical and compiled once.
 
-A tree's norms take one read of every leaf, in float32 whatever the leaf's dtype. A group whose
-sum of squares overflows float32 (elements above ~1e19) is summed again downscaled, by a second
-iteration of a loop that a normal step runs once.
+A tree's norms take one read of every leaf, in float32 whatever the leaf's dtype, and survive a
+sum of squares that overflows float32 (elements above ~1e19): such a group is measured from its
+sum of squares downscaled by 2**-80. Off XLA CPU, one reduction gives every leaf's plain and
+downscaled sums. XLA CPU does not vectorise that reduction, so it gets it only for the small
+leaves of a partition with several groups; the other leaves are summed by a loop that a normal
+step runs once, and again, downscaled, where a group overflowed.
 """
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
-import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -216,6 +218,16 @@ class Partition:
   def _group_sums(self, leaves: list[Any], leaf_sum: Callable) -> tuple[jax.Array, ...]:
     return self._all_reduce(self._combine(self._leaf_stats(leaves, leaf_sum), jnp.sum))
 
+  def _partial_sums(self, per_leaf: list[jax.Array | None]) -> list[jax.Array | None]:
+    """Per group, the sum of the leaf statistics given (`None` for a group given none)."""
+    members: list[list[jax.Array]] = [[] for _ in self.group_shapes]
+    for plan, stat in zip(self.plans, per_leaf):
+      if stat is not None:
+        members[plan.group].append(stat)
+    return self._all_reduce([
+        None if not stats else stats[0] if len(stats) == 1 else
+        jnp.sum(_tree.stack_to_reduce(stats), axis=0) for stats in members])
+
   def _stacked(self, norm_of: Callable[..., jax.Array],
                *group_stats: tuple[jax.Array, ...]) -> list[jax.Array]:
     """`norm_of` applied to per-group statistics stacked by shape (`stack_alike`'s order).
@@ -257,7 +269,41 @@ class Partition:
       with `stacked`, the list of stacked norms third.
     """
     leaves = self._leaves(tree, what)
-    group_sums = functools.partial(self._group_sums, leaves)
+    # Small leaves (every leaf off XLA CPU) get both sums from one read, without the loop.
+    paired = [plan is not None and leaf.size <= _paired_size(len(self.group_shapes))
+              for plan, leaf in zip(self.plans, leaves)]
+    overflow_scale = jax.lax.optimization_barrier(np.float32(_OVERFLOW_SCALE))
+    pairs = [_plain_and_downscaled_squares(leaf, plan.reduce_axes, overflow_scale) if is_paired
+             else None for plan, leaf, is_paired in zip(self.plans, leaves, paired)]
+    plain = self._partial_sums([pair and pair[0] for pair in pairs])
+    downscaled = self._partial_sums([pair and pair[1] for pair in pairs])
+
+    if all(is_paired for plan, is_paired in zip(self.plans, paired) if plan is not None):
+      sums, norm_of = (tuple(plain), tuple(downscaled)), _norm_of_sums
+      # The downscaled sums cannot overflow: one infinite means a NaN or an Inf. Checked per
+      # group shape; the barrier keeps the verdict one value that its consumers read, instead
+      # of XLA fusing its computation from every group into each of them.
+      finite = jax.lax.optimization_barrier(_tree.all_finite(
+          [stack[0] for stack in stack_alike(self._container(sums[1]))]))
+    else:
+      *sums, finite = self._loop(leaves, paired, plain, downscaled)
+      norm_of = lambda squares, scale: jax.lax.div(jax.lax.sqrt(squares), scale)
+    norms = self._container(map_groups(norm_of, *sums))
+    return (norms, finite, self._stacked(norm_of, *sums)) if stacked else (norms, finite)
+
+  def _loop(self, leaves: list[Any], paired: list[bool], plain: list[jax.Array | None],
+            downscaled: list[jax.Array | None]) -> tuple[tuple[jax.Array, ...], ...]:
+    """`norms`' sums of squares, scales and verdict where some leaves are not paired: a loop
+    sums those, and again, downscaled, the groups that overflowed. The paired leaves' `plain`
+    and `downscaled` sums per group (`None` for a group without any) join them."""
+    def paired_squares(scales):  # each group's paired sum at its scale
+      return [None if sq is None else jax.lax.select(
+          jax.lax.eq(scale, jax.lax.full_like(scale, 1.0)), sq, scaled)
+              for sq, scaled, scale in zip(plain, downscaled, scales)]
+
+    looped_sums = lambda leaf_sum: self._partial_sums([
+        None if plan is None or is_paired else leaf_sum(leaf, plan)
+        for plan, leaf, is_paired in zip(self.plans, leaves, paired)])
 
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
     # share one broadcast of the group's scale: XLA merges them into one instruction, which
@@ -267,31 +313,30 @@ class Partition:
     # the leaves of distinct groups are not needed, and made XLA's compile 30x slower.
     seen = set()
     is_repeat = []
-    for plan, leaf in zip(self.plans, leaves):
-      if plan is not None:
+    for plan, leaf, is_paired in zip(self.plans, leaves, paired):
+      if plan is not None and not is_paired:
         is_repeat.append((plan.group, leaf.shape) in seen)
         seen.add((plan.group, leaf.shape))
 
     def scaled_squares(scales):
-      planned = [plan for plan in self.plans if plan is not None]
+      planned = [plan for plan, is_paired in zip(self.plans, paired)
+                 if plan is not None and not is_paired]
       leaf_scales = [scales[plan.group].reshape(plan.kept_shape) for plan in planned]
       copies = iter(jax.lax.optimization_barrier(
           tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
       leaf_scales = iter([next(copies) if repeat else scale
                           for scale, repeat in zip(leaf_scales, is_repeat)])
 
-      def leaf_sum(leaf, plan):  # called once per grouped leaf, in order
+      def leaf_sum(leaf, plan):  # called once per looped leaf, in order
         return _sum(_abs_sq(_times(leaf, next(leaf_scales))), plan.reduce_axes)
-      return group_sums(leaf_sum)
+      return tuple(looped if pair is None else pair if looped is None else jax.lax.add(looped, pair)
+                   for looped, pair in zip(looped_sums(leaf_sum), paired_squares(scales)))
 
     # A second pass only runs on a step where a sum of squares overflowed (or the tree holds
-    # NaN/Inf): each overflowed group is summed again scaled by 2**-80. That is exact to
-    # float32 rounding: such a group's squared norm exceeds 3.4e38, the elements whose scaled
-    # squares underflow (below ~1e5) add less than 1e-19 of it, and the scaled squares of up
-    # to 4e9 float32 elements cannot overflow. The scales are runtime values on purpose: XLA
-    # rewrites (x * c)**2 with a constant c into x**2 * c**2, which overflows again. A loop,
-    # not a `lax.cond`: the reductions appear once in the program, so they compile once and
-    # XLA's static `cost_analysis()` counts the one read a normal step makes.
+    # NaN/Inf): each overflowed group is summed again scaled by 2**-80 (exact to float32
+    # rounding, as `_plain_and_downscaled_squares` explains). A loop, not a
+    # `lax.cond`: the reductions appear once in the program, so they compile once and XLA's
+    # static `cost_analysis()` counts the one read a normal step makes.
     # The loop also carries the verdict "every element finite": a finite sum of squares means
     # finite elements, and after the downscaled pass an infinite one means a NaN or an Inf.
     # Coming out of the loop it is one value; computed outside from the n group sums, XLA
@@ -304,22 +349,20 @@ class Partition:
     def one_pass(carry):
       passes, scales, squares, _ = carry
       # The first pass starts from squares of one, so only a sum that overflowed is downscaled.
-      overflowed = lambda sq: jax.lax.eq(sq, np.asarray(np.inf, sq.dtype))
       scales = map_groups(lambda sq, scale: jax.lax.select(
-          overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
+          _overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
       squares = scaled_squares(scales)
       return passes + 1, scales, squares, _tree.all_finite(squares)
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
     # that start it take their type from sums over the same axes, which XLA drops unused.
-    ones = map_groups(lambda total: jax.lax.full_like(total, 1.0), group_sums(
-        lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes)))
+    typed = [sq if sq is not None else looped for sq, looped in zip(plain, looped_sums(
+        lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes)))]
+    ones = tuple(jax.lax.full_like(total, 1.0) for total in typed)
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
-    norm_of = lambda square, scale: jax.lax.div(jax.lax.sqrt(square), scale)
-    norms = self._container(map_groups(norm_of, squares, scales))
-    return (norms, finite, self._stacked(norm_of, squares, scales)) if stacked else (norms, finite)
+    return squares, scales, finite
 
   def scale(self, tree: Any, factors: NormContainer) -> Any:
     """Multiplies every group of `tree` by its entry of `factors`; other leaves pass through.
@@ -362,6 +405,57 @@ def combined_norm(norms: NormContainer | list[jax.Array]) -> jax.Array:
 
 
 _OVERFLOW_SCALE = 2.0 ** -80
+
+# On XLA CPU, leaves of at most this many elements get their plain and downscaled sums of
+# squares from one read (`_plain_and_downscaled_squares`); larger ones go through the loop of
+# `Partition.norms`. XLA CPU does not vectorise a reduction of two operands, so pairing costs
+# a step time that grows with the leaf (200 leaves of 64 x 64: +18% for `clip_by_norm` alone),
+# while each paired leaf saves its share of the loop's compile time (AGC on 1,000 small leaves:
+# 12-13 s -> 8-9 s). On GPU the loop's predicate is copied to the host and waited for on every
+# iteration (XLA's `WhileThunk`), a synchronisation per step: every leaf is paired there.
+_CPU_PAIRED_SIZE = 4096
+
+
+def _paired_size(groups: int) -> float:
+  """The most elements of a leaf that `Partition.norms` pairs, in a partition of `groups`
+  groups (labels)."""
+  if jax.default_backend() != "cpu":
+    return math.inf
+  return _CPU_PAIRED_SIZE if groups > 1 else 0
+
+
+def _overflowed(squares: jax.Array) -> jax.Array:
+  return jax.lax.eq(squares, jax.lax.full_like(squares, np.inf))
+
+
+def _norm_of_sums(plain: jax.Array, downscaled: jax.Array) -> jax.Array:
+  """A group's norm from its plain and downscaled sums of squares."""
+  return jax.lax.select(
+      _overflowed(plain),
+      jax.lax.div(jax.lax.sqrt(downscaled), jax.lax.full_like(downscaled, _OVERFLOW_SCALE)),
+      jax.lax.sqrt(plain))
+
+
+def _add_pairs(a: tuple[jax.Array, jax.Array],
+               b: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+  return jax.lax.add(a[0], b[0]), jax.lax.add(a[1], b[1])
+
+
+def _plain_and_downscaled_squares(leaf: jax.Array, axes: tuple[int, ...],
+                                  overflow_scale: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Float32 sums over `axes` of |x|**2 and of |x * overflow_scale|**2, from one read of `leaf`.
+
+  Exact to float32 rounding whichever a group needs: the downscaled sum only where the plain
+  one overflowed, whose squared norm then exceeds 3.4e38, so the elements whose downscaled
+  squares underflow (below ~1e5) add less than 1e-19 of it; the downscaled squares of up to 4e9
+  float32 elements cannot overflow. `overflow_scale` must be a runtime value: XLA rewrites
+  (x * c)**2 with a constant c into x**2 * c**2, which overflows again.
+  """
+  scale = jax.lax.broadcast_in_dim(overflow_scale, (1,) * leaf.ndim, ())
+  zero = np.zeros((), np.float32)
+  # One reduction of two operands (module-level `_add_pairs`, so JAX traces it once).
+  return jax.lax.reduce((_abs_sq(leaf), _abs_sq(_times(leaf, scale))), (zero, zero),
+                        _add_pairs, axes)
 
 
 def _compute_dtype(leaf: jax.Array) -> Any:

@@ -1,6 +1,7 @@
 """Norm clipping at every scope: clipping laws, dtypes, references, Flax models, composition."""
 
 import functools
+import math
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -105,18 +106,56 @@ def test_float16_gradient_of_300_is_clipped_not_zeroed():
   assert ours["w"].dtype == jnp.float16
 
 
-def test_norm_survives_float32_overflow_of_the_sum_of_squares():
+# The norm pass's formulations (`scopes._paired_size`): every leaf through the overflow loop
+# (XLA CPU's large leaves), every leaf's two sums from one reduction (other backends), and both
+# in one tree, in one group (leaves of up to 8 elements paired: this file's biases).
+_NORM_PASSES = {"loop": lambda groups: 0, "pairs": lambda groups: math.inf,
+                "mixed": lambda groups: 8}
+
+
+@pytest.fixture(params=list(_NORM_PASSES))
+def norm_pass(request, monkeypatch):
+  """Runs a test under each formulation; the test must build and jit its transforms itself."""
+  monkeypatch.setattr(ostab.scopes, "_paired_size", _NORM_PASSES[request.param])
+
+
+def _fresh_clip(grads, scope, max_norm=1.0):
+  tx = ostab.clip_by_norm(max_norm, scope=scope)
+  return jax.jit(tx.update)(grads, tx.init(grads))
+
+
+@pytest.mark.parametrize("fault", ["none", "overflow", "inf", "nan"])
+@pytest.mark.parametrize("scope", SCOPES)
+def test_every_norm_pass_measures_the_float64_norms(scope, fault, norm_pass, tree_factory):
+  grads = jax.tree.map(np.array, tree_factory(seed=3))
+  if fault == "overflow":  # squares past float32's 3.4e38 in a kernel and a bias
+    grads["Dense_0"]["kernel"][1] *= 1e25
+    grads["Block_0"]["LayerNorm_0"]["bias"] *= 1e30
+  elif fault != "none":
+    grads["Conv_0"]["kernel"][0, 1, 1, 2] = np.inf if fault == "inf" else np.nan
+  for group_arrays in (True, False):
+    partition = ostab.scopes.Grouping(scope).partition(grads, group_arrays=group_arrays)
+    norms, finite = jax.jit(lambda tree: partition.norms(tree))(grads)
+    assert bool(finite) == (fault in ("none", "overflow"))
+    if bool(finite):
+      expected = reference_group_norms(grads, scope)
+      # A norm of <= 90 squares (7 levels), a square root, a downscale.
+      np.testing.assert_allclose(ostab.scopes.flat(norms), expected,
+                                 rtol=float_tolerance(jnp.float32, depth=9))
+
+
+def test_norm_survives_float32_overflow_of_the_sum_of_squares(norm_pass):
   grads = {"a": jnp.full((8,), 1e30, jnp.float32), "b": jnp.full((2,), 3e-30, jnp.float32)}
-  clipped, state = _clip(grads, "global")
+  clipped, state = _fresh_clip(grads, "global")
   np.testing.assert_allclose(float(state.grad_norm), np.sqrt(8) * 1e30, rtol=1e-6)
   np.testing.assert_allclose(reference_group_norms(clipped, "global"), 1.0, rtol=1e-6)
 
 
-def test_overflowed_group_is_rescaled_alone_and_exactly():
+def test_overflowed_group_is_rescaled_alone_and_exactly(norm_pass):
   # One group near float32's largest value, one ordinary group beside it.
   grads = {"a": {"w": jnp.array([3e38, -1e5, 2.0], jnp.float32)},
            "b": {"w": jnp.array([3.0, 4.0], jnp.float32)}}
-  clipped, state = _clip(grads, "layer", max_norm=10.0)
+  clipped, state = _fresh_clip(grads, "layer", max_norm=10.0)
   np.testing.assert_allclose(float(state.max_group_norm), 3e38, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(clipped["a"]["w"]),
                              [10.0, -1e5 * 10.0 / 3e38, 2.0 * 10.0 / 3e38], rtol=1e-5)
@@ -338,9 +377,9 @@ def test_inconsistent_stacked_group_is_rejected():
     tx.init(grads)
 
 
-def test_telemetry_norms_survive_float32_overflow_across_groups():
+def test_telemetry_norms_survive_float32_overflow_across_groups(norm_pass):
   grads = {"a": {"w": jnp.full((4,), 1e30)}, "b": {"w": jnp.full((4,), 1e30)}}
-  _, state = _clip(grads, "layer")
+  _, state = _fresh_clip(grads, "layer")
   np.testing.assert_allclose(float(state.grad_norm), np.sqrt(8) * 1e30, rtol=1e-6)
   np.testing.assert_allclose(float(state.clipped_norm), np.sqrt(2), rtol=1e-6)
 

@@ -10,6 +10,8 @@ and the floors allow only 0.05x for the passes over per-group statistics and sca
 is run: the programs are only compiled.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -35,6 +37,10 @@ def _bytes_per_param_byte(tx, **extra_args):
   return analysis["bytes accessed"] / sum(leaf.nbytes for leaf in jax.tree.leaves(_PARAMS))
 
 
+def _program(tx):
+  return jax.jit(tx.update).lower(_PARAMS, tx.init(_PARAMS), _PARAMS).compile().as_text()
+
+
 @pytest.fixture(scope="module")
 def adam_bytes():
   return _bytes_per_param_byte(optax.scale_by_adam())
@@ -58,8 +64,17 @@ def _state_traffic(tx):
   return 2 * state_bytes / sum(leaf.nbytes for leaf in jax.tree.leaves(_PARAMS))
 
 
+@pytest.fixture
+def every_leaf_paired(monkeypatch):
+  """The norm pass as off XLA CPU: both sums of every leaf from one reduction, no loop."""
+  monkeypatch.setattr(ostab.scopes, "_paired_size", lambda groups: math.inf)
+
+
+@pytest.mark.parametrize("norm_pass", ["xla_cpu", "every_leaf_paired"])
 @pytest.mark.parametrize("name", list(_CLIPS))
-def test_clipping_before_adam_is_one_read_of_the_gradients(name, adam_bytes):
+def test_clipping_before_adam_is_one_read_of_the_gradients(name, norm_pass, adam_bytes, request):
+  if norm_pass == "every_leaf_paired":
+    request.getfixturevalue("every_leaf_paired")
   clip = _CLIPS[name]()
   ours = _bytes_per_param_byte(optax.chain(clip, optax.scale_by_adam()))
   floor = adam_bytes + _READ + _state_traffic(clip)
@@ -90,9 +105,29 @@ def _inner(name):
 def test_adaptive_grad_clip_measures_the_params_in_one_plain_pass():
   """Only the gradients' norm pass is the overflow-safe loop: a parameter's squared group norm
   cannot reach float32's 3.4e38, and a second loop doubled AGC's compile time."""
-  tx = ostab.adaptive_grad_clip(0.01)
-  program = jax.jit(tx.update).lower(_PARAMS, tx.init(_PARAMS), _PARAMS).compile().as_text()
-  assert program.count(" while(") == 1
+  assert _program(ostab.adaptive_grad_clip(0.01)).count(" while(") == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda: ostab.clip_by_global_norm(1.0), lambda: ostab.adaptive_grad_clip(0.01),
+    lambda: ostab.skip_nonfinite(optax.scale_by_adam()),
+    lambda: ostab.recipes.robust_adamw(1e-3)], ids=["global", "agc", "guard", "robust_adamw"])
+def test_the_paired_norm_pass_has_no_loop(make, every_leaf_paired):
+  """XLA GPU copies a `while` predicate to the host and waits for it on every iteration."""
+  assert " while(" not in _program(make())
+
+
+def test_xla_cpu_pairs_only_the_small_leaves_of_a_partition_of_groups():
+  if jax.default_backend() != "cpu":
+    pytest.skip("the choice for XLA CPU")
+  small = {f"layer_{i}": {"kernel": jnp.ones((32, 32)), "bias": jnp.ones((32,))} for i in range(3)}
+  program = lambda tx, params: jax.jit(tx.update).lower(
+      params, tx.init(params)).compile().as_text()
+  assert " while(" not in program(ostab.clip_by_norm(1.0, scope="leaf"), small)
+  # One group: the loop carries two scalars, and compiled no slower than the pairs.
+  assert program(ostab.clip_by_global_norm(1.0), small).count(" while(") == 1
+  # Large leaves: XLA CPU does not vectorise a reduction of two operands.
+  assert _program(ostab.clip_by_norm(1.0, scope="leaf")).count(" while(") == 1
 
 
 @pytest.mark.parametrize("inner", ["adam", "clip_by_global_norm", "clip_by_norm[unit]"])
