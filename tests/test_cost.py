@@ -130,10 +130,13 @@ def test_xla_cpu_pairs_only_the_small_leaves_of_a_partition_of_groups():
   assert _program(ostab.clip_by_norm(1.0, scope="leaf")).count(" while(") == 1
 
 
+@pytest.mark.parametrize("norm_pass", ["xla_cpu", "every_leaf_paired"])
 @pytest.mark.parametrize("inner", ["adam", "clip_by_global_norm", "clip_by_norm[unit]"])
-def test_the_guard_reads_nothing_beside_a_clip(inner, adam_bytes):
+def test_the_guard_reads_nothing_beside_a_clip(inner, norm_pass, adam_bytes, request):
   """A clip's norm pass answers the guard, and keeping the old state costs nothing: a guarded
   clip + Adam costs what the unguarded chain does, a guarded Adam one pass of its own."""
+  if norm_pass == "every_leaf_paired":
+    request.getfixturevalue("every_leaf_paired")
   guarded = _bytes_per_param_byte(ostab.skip_nonfinite(_inner(inner)))
   assert guarded <= adam_bytes + _READ + _STATS
 
