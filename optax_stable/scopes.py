@@ -294,7 +294,11 @@ class Partition:
       *sums, finite = self._loop(leaves, paired, plain, downscaled)
       norm_of = lambda squares, scale: jax.lax.div(jax.lax.sqrt(squares), scale)
       norm_stacks = self._stacked(norm_of, *sums) if stacked else None
-    norms = self._container(map_groups(norm_of, *sums))
+    # A vector container is joined from the sums: joined from the norms, each group's norm
+    # became a kernel of its own feeding the join (`autoclip(scope="leaf")` on 1,000 small
+    # leaves compiled 2.5x as long).
+    norms = (map_groups(norm_of, *sums) if self.group_arrays else
+             norm_of(*(self._container(group_sums) for group_sums in sums)))
     return (norms, finite, norm_stacks) if stacked else (norms, finite)
 
   def _loop(self, leaves: list[Any], paired: list[bool], plain: list[jax.Array | None],
