@@ -66,7 +66,10 @@ def test_float16_example_underflows_without_and_trains_with_the_loss_scale():
     loss[name], accuracy[name], zeros[name] = float(row[0]), float(row[1]), row[2]
   assert float(zeros["float16"].rstrip("%")) > 50  # most gradient entries underflow
   assert float(zeros["float16 + loss scale"].rstrip("%")) < 5
-  assert accuracy["float16"] < 0.6 * accuracy["float32"]
+  # Most gradient entries underflow, so it falls far behind: held-out loss 3.5-3.9 against
+  # float32's 2.0 at these settings (JAX 0.7.1 and 0.10). Not its accuracy: predicting the
+  # commonest characters scores 0.24-0.32 here, which moves with the JAX version.
+  assert loss["float16"] > 1.5 * loss["float32"]
   # Scaled float16 follows the float32 run; the 2% allows float16's rounding of the forward.
   assert abs(loss["float16 + loss scale"] - loss["float32"]) < 0.02 * loss["float32"]
   skipped, adam_steps, final_scale = rows["float16 + scale from 2**40"][3:]
