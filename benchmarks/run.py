@@ -4,6 +4,7 @@ Run by hand (never part of the test suite):
     python benchmarks/run.py                # ~60 min on 2 CPU cores, ~7 GB of memory
     python benchmarks/run.py --quick --deep-leaves 100 --compile-leaves 20   # smoke run, minutes
     python benchmarks/run.py --only "loss_scale|stable_adamw"   # some pairs, merged into the file
+    python benchmarks/run.py --sections compile   # some sections; the file keeps the others
 Prints the tables and writes benchmarks/results.json.
 
 Sections:
@@ -40,6 +41,7 @@ import optax_stable as ostab
 LR = 1e-3
 WD = 1e-4
 K = 4
+SECTIONS = ("transforms", "accumulation", "compile", "microbatch")
 
 
 class Pair(NamedTuple):
@@ -378,8 +380,8 @@ def main():
   parser.add_argument("--deep-leaves", type=int, default=1000)
   # 3,000 leaves takes XLA CPU minutes per program (~40 min for the section): ask for it.
   parser.add_argument("--compile-leaves", type=int, nargs="*", default=[100, 1000])
-  parser.add_argument("--sections", nargs="*",
-                      default=["transforms", "accumulation", "compile", "microbatch"])
+  parser.add_argument("--sections", nargs="*", choices=SECTIONS, default=list(SECTIONS),
+                      help="sections to run; a run of some keeps the others of --out")
   parser.add_argument("--trees", nargs="*", default=["wide", "blocks", "deep"],
                       help="trees of the transforms section")
   parser.add_argument("--out", default=str(pathlib.Path(__file__).with_name("results.json")))
@@ -402,6 +404,16 @@ def main():
                        if name in args.trees}}
   print(results["machine"], flush=True)
   out = pathlib.Path(args.out)
+  previous = json.loads(out.read_text()) if out.exists() else {}
+  kept = [section for section in SECTIONS if section not in args.sections]
+  if args.only is None and previous and kept:
+    # A run of some sections keeps the other sections of --out, saying so.
+    note = (f"{', '.join(args.sections)} re-run on {results['machine']} (repeats {repeats}, "
+            f"quick {args.quick}); {', '.join(kept)} kept.")
+    trees_of = results if "transforms" in args.sections else previous
+    results = {**previous, **{key: results[key] for key in ("machine", "quick", "repeats")},
+               "trees": trees_of.get("trees", {}),
+               "provenance": " ".join(filter(None, [previous.get("provenance"), note]))}
   save = lambda: out.write_text(json.dumps(results, indent=2))  # after every section
   if "transforms" in args.sections:
     print("transforms", flush=True)
@@ -428,8 +440,8 @@ def main():
   if "microbatch" in args.sections:
     results["microbatch"] = microbatch_table(batch=4096, hidden=512)
   if args.only is not None:
-    results = _merged(json.loads(out.read_text()), results, f"--only {args.only!r}")
-  for section in ("transforms", "accumulation", "compile", "microbatch"):
+    results = _merged(previous, results, f"--only {args.only!r}")
+  for section in SECTIONS:
     results.setdefault(section, [])
   _print_tables(results)
   save()

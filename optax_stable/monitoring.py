@@ -165,14 +165,17 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         first_nonfinite_groups=jnp.zeros((len(names),), bool), group_names=_encode(names))
 
   def update_fn(updates, state, params=None):
-    grad_norms = (scopes.flat(grouping.partition(updates).norms(updates)[0]) if "grad" in what
+    # The norms are recorded as one vector: a vector container joins them from the sums of
+    # squares, instead of each group's norm being a kernel of its own feeding the join.
+    partition_of = lambda tree: grouping.partition(tree, group_arrays=False)
+    grad_norms = (scopes.flat(partition_of(updates).norms(updates)[0]) if "grad" in what
                   else state.grad_norms)
     param_norms = state.param_norms
     if "param" in what:
       if params is None:
         raise ValueError("`monitor(what=(..., 'param'))` needs the params: call "
                          "`update(updates, state, params)`.")
-      param_norms = scopes.flat(grouping.partition(params).plain_norms(params))
+      param_norms = scopes.flat(partition_of(params).plain_norms(params))
     recorded = grad_norms if "grad" in what else param_norms
     nonfinite = ~jnp.isfinite(recorded)
     recording = state.first_nonfinite_step < 0
