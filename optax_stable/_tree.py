@@ -83,8 +83,8 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
   branches return one type: the new state is cast to the old one's (`cast_like`), and the
   zero updates are built from the real `updates` (an inner update has their shapes and
   sharding), in the dtypes `update` returns. On XLA:GPU the conditional waits for the device
-  once per call (its `ConditionalThunk` copies the branch index to the host), as in
-  `optax.MultiSteps`; the select would instead run the inner update on every call.
+  once per call (its `ConditionalThunk` copies the branch index to the host); the select would
+  instead run the inner update on every call.
   """
   def step(state):
     new_updates, new_state = update(state)
