@@ -115,7 +115,10 @@ def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Arra
       wide = jnp.where(spikes, jnp.sign(wide) * jnp.sqrt(limit), wide)
       new_leaves.append(wide.astype(g.dtype))
       moments.append(decay * v + (1 - decay) * jnp.square(wide))
-      spike_counts.append(jnp.sum(spikes))
+      # XLA CPU writes out the indicator a count reduces: as uint8 it costs a quarter of
+      # int32's bytes (spike_clip alone 10.0x -> 8.5x param bytes). Summed in float32: exact
+      # up to 2**24 clipped entries per leaf, beyond that within float32 rounding.
+      spike_counts.append(jnp.sum(spikes.astype(jnp.uint8), dtype=jnp.float32))
       size += g.size
     fraction = sum(spike_counts) / size if size else 0.0
     return treedef.unflatten(new_leaves), SpikeClipState(

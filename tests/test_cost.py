@@ -181,3 +181,10 @@ def test_the_monitor_shares_the_norm_pass_of_a_clip_at_its_scope():
   monitor = ostab.monitor(what=("grad",))
   monitored = _bytes_per_param_byte(optax.chain(monitor, clip_adam))
   assert monitored <= _bytes_per_param_byte(clip_adam) + _state_traffic(monitor) + _STATS
+
+
+def test_spike_clipping_writes_its_count_out_as_bytes():
+  # XLA CPU's kernels have one output: the clipped gradient, the new second moment and the
+  # indicator of clipped entries each read the gradient and the moment (6 reads, 2 writes).
+  # XLA writes the indicator out and reads it back for the count: uint8, a quarter each way.
+  assert _bytes_per_param_byte(ostab.spike_clip()) <= 8.0 + 2 * 0.25 + _STATS
