@@ -37,11 +37,11 @@ import optax
 
 import _harness as harness
 import optax_stable as ostab
+from report import SECTIONS
 
 LR = 1e-3
 WD = 1e-4
 K = 4
-SECTIONS = ("transforms", "accumulation", "compile", "microbatch")
 
 
 class Pair(NamedTuple):
@@ -407,12 +407,11 @@ def main():
   previous = json.loads(out.read_text()) if out.exists() else {}
   kept = [section for section in SECTIONS if section not in args.sections]
   if args.only is None and previous and kept:
-    # A run of some sections keeps the other sections of --out, saying so.
+    # A run of some sections keeps the other sections of --out, saying so (as `_merged`).
     note = (f"{', '.join(args.sections)} re-run on {results['machine']} (repeats {repeats}, "
             f"quick {args.quick}); {', '.join(kept)} kept.")
     trees_of = results if "transforms" in args.sections else previous
-    results = {**previous, **{key: results[key] for key in ("machine", "quick", "repeats")},
-               "trees": trees_of.get("trees", {}),
+    results = {**previous, "trees": trees_of.get("trees", {}),
                "provenance": " ".join(filter(None, [previous.get("provenance"), note]))}
   save = lambda: out.write_text(json.dumps(results, indent=2))  # after every section
   if "transforms" in args.sections:

@@ -153,6 +153,9 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
     raise ValueError(f"`what` must be a non-empty subset of {WHAT}, got {what!r}.")
   _validation.check_static_int("history", history, 1)
   grouping = scopes.Grouping(scope, stacked=stacked, exclude=exclude, axis_name=axis_name)
+  # The norms are recorded as one vector: a vector container joins them from the sums of
+  # squares, instead of each group's norm being a kernel of its own feeding the join.
+  partition_of = lambda tree: grouping.partition(tree, group_arrays=False)
 
   def init_fn(params):
     layout = scopes.describe_groups(params, scope=scope, stacked=stacked, exclude=exclude)
@@ -165,9 +168,6 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         first_nonfinite_groups=jnp.zeros((len(names),), bool), group_names=_encode(names))
 
   def update_fn(updates, state, params=None):
-    # The norms are recorded as one vector: a vector container joins them from the sums of
-    # squares, instead of each group's norm being a kernel of its own feeding the join.
-    partition_of = lambda tree: grouping.partition(tree, group_arrays=False)
     grad_norms = (scopes.flat(partition_of(updates).norms(updates)[0]) if "grad" in what
                   else state.grad_norms)
     param_norms = state.param_norms

@@ -246,9 +246,9 @@ class Partition:
     """
     leaves = self._leaves(tree, what)
     squares = self._group_sums(leaves, lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes))
-    # A vector container is joined from the sums, as in `norms`.
+    # A vector container is joined from the sums (its one stack), as in `norms`.
     norms = (map_groups(jax.lax.sqrt, squares) if self.group_arrays
-             else jax.lax.sqrt(self._container(squares)))
+             else self._stacked(jax.lax.sqrt, squares)[0])
     return (norms, self._stacked(jax.lax.sqrt, squares)) if stacked else norms
 
   def norms(self, tree: Any, what: str = "updates", *, stacked: bool = False) -> tuple[Any, ...]:
