@@ -270,6 +270,22 @@ def test_layer_scope_is_one_group_per_nnx_module():
       "blocks/0/linear", "blocks/0/norm", "blocks/1/linear", "blocks/1/norm", "head"]
 
 
+def test_a_split_vector_container_is_its_slices_bit_for_bit():
+  # Single entries come out of masked reductions, longer pieces (stacked layers) are sliced.
+  sizes = [1, 1, 3, 1, 2] + [1] * 70
+  offsets = [0, *np.cumsum(sizes)[:-1].tolist()]
+  rng = np.random.default_rng(0)
+  vector = rng.normal(size=sum(sizes)).astype(np.float32)
+  vector[[1, 5, 9, 40]] = [-0.0, np.nan, np.inf, -np.inf]
+  pieces = jax.jit(lambda v: ostab.scopes._split(v, sizes, offsets))(vector)
+  assert len(pieces) == len(sizes)
+  for piece, offset, size in zip(pieces, offsets, sizes):
+    expected = vector[offset:offset + size]
+    assert piece.shape == ((size,) if size > 1 else ())
+    np.testing.assert_array_equal(np.asarray(piece).reshape(-1).view(np.uint32),
+                                  expected.view(np.uint32))
+
+
 @pytest.mark.parametrize("scope", ["layer", "leaf", "unit"])
 def test_stacked_scan_model_is_clipped_like_the_unrolled_model(scope):
   nn = pytest.importorskip("flax.linen")
