@@ -1,6 +1,7 @@
 """Small pytree helpers shared by the transforms."""
 
 from collections.abc import Callable
+import functools
 from typing import Any
 
 import jax
@@ -25,6 +26,22 @@ def stack_to_reduce(arrays: list[jax.Array]) -> jax.Array:
   An optimization barrier hides the concatenation from the simplifier.
   """
   return jax.lax.optimization_barrier(jnp.stack(arrays))
+
+
+_CHAINED = 8  # arrays `sum_arrays` adds one by one; more are stacked and reduced
+
+
+def sum_arrays(arrays: list[jax.Array]) -> jax.Array:
+  """The elementwise sum of equally shaped arrays, compiled fast whatever their number.
+
+  A few are added in a chain. Many are stacked and reduced (`stack_to_reduce`): XLA CPU's
+  fusion pass takes time quadratic in the length of a chain. A stack of a few costs a join
+  and a barrier for XLA's passes to process: stacking the two leaves of each group made
+  `monitor()` + Adam on 1,000 leaves take 8.7-9.2 s to trace and compile instead of 7.3-7.7 s.
+  """
+  if len(arrays) <= _CHAINED:
+    return functools.reduce(jax.lax.add, arrays)
+  return jnp.sum(stack_to_reduce(arrays), axis=0)
 
 
 def all_finite(tree: Any, axis_name: Any = None) -> jax.Array:

@@ -215,8 +215,7 @@ class Partition:
       if stat is not None:
         members[plan.group].append(stat)
     return self._all_reduce([
-        None if not stats else stats[0] if len(stats) == 1 else
-        jnp.sum(_tree.stack_to_reduce(stats), axis=0) for stats in members])
+        _tree.sum_arrays(stats) if stats else None for stats in members])
 
   def _stacked(self, norm_of: Callable[..., jax.Array],
                *group_stats: tuple[jax.Array, ...]) -> list[jax.Array]:

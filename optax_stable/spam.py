@@ -120,7 +120,7 @@ def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Arra
       # up to 2**24 clipped entries per leaf, beyond that within float32 rounding.
       spike_counts.append(jnp.sum(spikes.astype(jnp.uint8), dtype=jnp.float32))
       size += g.size
-    fraction = jnp.sum(_tree.stack_to_reduce(spike_counts)) / size if size else 0.0
+    fraction = _tree.sum_arrays(spike_counts) / size if size else 0.0
     return treedef.unflatten(new_leaves), SpikeClipState(
         second_moment=treedef.unflatten(moments), count=step,
         clipped_fraction=jnp.asarray(fraction, jnp.float32))
