@@ -399,6 +399,9 @@ def _split(vector: jax.Array, sizes: list[int], offsets: list[int]) -> tuple[jax
   `_SPLIT_OUTPUTS` entries, are distinct (1.1 s). Pieces of several entries (stacked layers)
   are sliced.
   """
+  # -0.0 is addition's identity (x + -0.0 == x for every x, signed zeros included), so each
+  # output is its entry bit for bit.
+  identity = np.array(-0.0, vector.dtype)
   pieces: list[jax.Array | None] = [None] * len(sizes)
   singles = [group for group, size in enumerate(sizes) if size == 1]
   for start in range(0, len(singles), _SPLIT_OUTPUTS):
@@ -406,9 +409,6 @@ def _split(vector: jax.Array, sizes: list[int], offsets: list[int]) -> tuple[jax
     first = offsets[chunk[0]]
     window = jax.lax.slice_in_dim(vector, first, offsets[chunk[-1]] + 1)
     index = jax.lax.iota(jnp.int32, window.shape[0])
-    # -0.0 is addition's identity (x + -0.0 == x for every x, signed zeros included), so each
-    # output is its entry bit for bit.
-    identity = np.array(-0.0, vector.dtype)
     masked = tuple(jnp.where(index == offsets[group] - first, window, identity)
                    for group in chunk)
     summed = jax.lax.reduce(masked, (identity,) * len(chunk),
