@@ -345,7 +345,7 @@ def microbatch_table(batch: int, hidden: int) -> list[dict[str, Any]]:
 
 def _merged(previous: dict[str, Any], rerun: dict[str, Any], how: str) -> dict[str, Any]:
   """`previous` with the transforms rows of `rerun` replacing or joining its own."""
-  rows = previous.setdefault("transforms", [])
+  rows = previous["transforms"]
   key_of = lambda row: (row["tree"], row["transform"], row["baseline"])
   index = {key_of(row): i for i, row in enumerate(rows)}
   for row in rerun["transforms"]:
@@ -463,7 +463,7 @@ def main():
     save()
   if "microbatch" in args.sections:
     results["microbatch"] = microbatch_table(batch=4096, hidden=512)
-  if args.only is not None:
+  if args.only is not None and previous:
     results = _merged(previous, results, f"--only {args.only!r}")
   for section in SECTIONS:
     results.setdefault(section, [])

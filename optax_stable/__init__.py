@@ -41,9 +41,11 @@ from optax_stable.scopes import GroupLayout
 from optax_stable.scopes import describe_groups
 from optax_stable.spam import PeriodicResetState
 from optax_stable.spam import ScaleByAdamMomentsState
+from optax_stable.spam import ScaleBySpamState
 from optax_stable.spam import SpikeClipState
 from optax_stable.spam import periodic_reset
 from optax_stable.spam import scale_by_adam_moments
+from optax_stable.spam import scale_by_spam
 from optax_stable.spam import spike_clip
 from optax_stable.stable_adam import ScaleByStableAdamState
 from optax_stable.stable_adam import scale_by_stable_adam
@@ -72,6 +74,7 @@ __all__ = [
     "MonitorState",
     "PeriodicResetState",
     "ScaleByAdamMomentsState",
+    "ScaleBySpamState",
     "ScaleByStableAdamState",
     "SkipNonfiniteState",
     "SkipSpikesState",
@@ -102,6 +105,7 @@ __all__ = [
     "policies",
     "recipes",
     "scale_by_adam_moments",
+    "scale_by_spam",
     "scale_by_stable_adam",
     "scopes",
     "skip_nonfinite",

@@ -112,8 +112,8 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: f
 
   ::
 
-    grads -> spike_clip (threshold x running mean square; paused clip_warmup_steps after resets)
-          -> periodic_reset(scale_by_adam_moments, reset_every_k)            m / (sqrt(v) + eps)
+    grads -> scale_by_spam: entries above threshold x v clipped (paused clip_warmup_steps
+             after resets), m and v reset every reset_every_k steps,         m / (sqrt(v) + eps)
           -> x sqrt(1 - b2**k) / (1 - b1**k) x cosine warm-up after each reset (global step k)
           -> x -lr -> then params decay as p <- (p + update) * (1 - lr * weight_decay)
 
@@ -158,13 +158,9 @@ def spam(learning_rate: optax.ScalarOrSchedule = 1e-3, *, b1: float = 0.9, b2: f
   _validation.check_static_int("clip_warmup_steps", clip_warmup_steps, 0)
   _validation.check_static_int("reset_every_k", reset_every_k, 1)
   schedule = learning_rate if callable(learning_rate) else (lambda count: learning_rate)
-  parts = []
-  if threshold:
-    parts.append(spam_lib.spike_clip(threshold, decay=b2, warmup_steps=clip_warmup_steps,
-                                     reset_every_k=reset_every_k))
-  parts += [
-      spam_lib.periodic_reset(spam_lib.scale_by_adam_moments(b1=b1, b2=b2, eps=eps),
-                              reset_every_k),
+  parts = [
+      spam_lib.scale_by_spam(threshold, b1=b1, b2=b2, eps=eps, warmup_steps=clip_warmup_steps,
+                             reset_every_k=reset_every_k),
       optax.scale_by_schedule(_spam_step_scale(b1, b2, reset_warmup_steps, reset_every_k)),
       optax.scale_by_learning_rate(learning_rate),
   ]

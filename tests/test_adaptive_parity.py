@@ -245,7 +245,7 @@ def test_spam_recipe_matches_pytorch_optimizer_on_spiky_gradients(seed, shapes):
         lambda tensors: pytorch_optimizer.SPAM(tensors, lr=1e-2, density=1.0,
                                                **_spam_reference_kwargs()),
         sequence, params, atol=1e-8)
-    clipped = [float(ostab.stats(state)["spike_clip/clipped_fraction"]) for state in states]
+    clipped = [float(ostab.stats(state)["spam/clipped_fraction"]) for state in states]
   assert max(clipped) > 0
 
 

@@ -405,7 +405,8 @@ def test_telemetry_norms_survive_float32_overflow_across_groups(norm_pass):
 
 @pytest.mark.parametrize("make", [
     lambda: ostab.accumulate(optax.sgd(1.0), 2), lambda: ostab.spike_clip(),
-    lambda: ostab.scale_by_adam_moments()], ids=["accumulate", "spike_clip", "adam_moments"])
+    lambda: ostab.scale_by_adam_moments(), lambda: ostab.scale_by_spam()],
+    ids=["accumulate", "spike_clip", "adam_moments", "spam"])
 def test_gradients_that_do_not_match_the_state_name_the_first_bad_path(make):
   params = {"a": {"w": jnp.ones((2, 3))}, "b": jnp.ones(3)}
   tx = make()

@@ -15,7 +15,7 @@ PARAMS = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.zeros((4,))}}
 PER_PARAMETER_BUFFERS = {"spike_clip": 1, "scale_by_adam_moments": 2, "skip_nonfinite": 2,
                          "skip_spikes": 2, "accumulate": 3, "dynamic_loss_scale": 2,
                          "periodic_reset": 2, "decoupled_weight_decay": 2, "recipes.adagc": 2,
-                         "recipes.spam": 3, "recipes.robust_adamw": 3,
+                         "scale_by_spam": 2, "recipes.spam": 2, "recipes.robust_adamw": 3,
                          "scale_by_stable_adam": 2, "recipes.stable_adamw": 2,
                          "with_float32_state": 2}
 

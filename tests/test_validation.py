@@ -23,6 +23,8 @@ BAD = [
     (ostab.spike_clip, {"threshold": 0.0}), (ostab.spike_clip, {"decay": 1.0}),
     (ostab.spike_clip, {"reset_every_k": 0}),
     (ostab.scale_by_adam_moments, {"b1": 1.0}), (ostab.scale_by_adam_moments, {"eps": -1.0}),
+    (ostab.scale_by_spam, {"threshold": -1.0}), (ostab.scale_by_spam, {"b2": 1.0}),
+    (ostab.scale_by_spam, {"reset_every_k": 0}),
     (ostab.scale_by_stable_adam, {"b2": 1.0}),
     (ostab.scale_by_stable_adam, {"weight_decay": -1.0}),
     (ostab.recipes.stable_adamw, {"learning_rate": -1.0}),
