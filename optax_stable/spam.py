@@ -123,7 +123,8 @@ def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Arra
   alongside its momentum resets (its phase is the global step modulo `reset_every_k`).
 
   `v` is the same quantity as Adam's second moment when `decay` is Adam's `b2`; it is kept
-  here so that spike clipping composes with any optimizer. Non-float leaves pass through.
+  here so that spike clipping composes with any optimizer (`scale_by_spam` is SPAM's Adam
+  reading its own). Non-float leaves pass through.
 
   Args:
     threshold: how many times the running mean square an entry's square may reach; > 0.
@@ -317,14 +318,14 @@ def scale_by_spam(threshold: float | jax.Array = 5000.0, *, b1: float | jax.Arra
                   reset_every_k: int | None = 500) -> optax.GradientTransformation:
   """SPAM's direction: spike clipping against Adam's own second moment, with moment resets.
 
-  The same numbers as `chain(spike_clip(threshold, decay=b2, warmup_steps=warmup_steps,
+  The numbers of `chain(spike_clip(threshold, decay=b2, warmup_steps=warmup_steps,
   reset_every_k=reset_every_k), periodic_reset(scale_by_adam_moments(b1=b1, b2=b2, eps=eps),
-  reset_every_k))`, in one pass: that chain's spike detector keeps a running mean square that
-  equals Adam's `nu` step for step, so here the detector reads `nu` itself, as SPAM's
-  reference does, and the state holds two moments instead of three. Every entry with
-  `g**2 > threshold * nu` becomes `sign(g) * sqrt(threshold * nu)` (`nu` before this step's
-  update; clipping pauses for the first `warmup_steps - 1` steps of the run and of every
-  reset cycle); then `m`, `nu` take the clipped gradient and the direction is
+  reset_every_k))` to float32 rounding, in one pass: that chain's spike detector keeps a
+  running mean square that equals Adam's `nu` step for step, so here the detector reads `nu`
+  itself, as SPAM's reference does, and the state holds two moments instead of three. Every
+  entry with `g**2 > threshold * nu` becomes `sign(g) * sqrt(threshold * nu)` (`nu` before
+  this step's update; clipping pauses for the first `warmup_steps - 1` steps of the run and
+  of every reset cycle); then `m`, `nu` take the clipped gradient and the direction is
   `m / (sqrt(nu) + eps)`, without bias correction (`recipes.spam` applies it on the global
   step). Both moments restart from zero at every step that is a multiple of `reset_every_k`.
 
