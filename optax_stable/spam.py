@@ -56,6 +56,15 @@ def _ema(decay: Any, average: jax.Array, value: jax.Array) -> jax.Array:
                      jax.lax.mul(_like(1 - decay, average), value))
 
 
+def _adam_step(m: jax.Array, v: jax.Array, grad: jax.Array, square: jax.Array, b1: Any, b2: Any,
+               eps: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Adam's uncorrected direction `m / (sqrt(v) + eps)` and moments after `grad` (in the
+  moments' dtype), whose square is `square`."""
+  m = jax.lax.add(m, jax.lax.mul(_like(1 - b1, m), jax.lax.sub(grad, m)))
+  v = _ema(b2, v, square)
+  return jax.lax.div(m, jax.lax.add(jax.lax.sqrt(v), _like(eps, v))), m, v
+
+
 def _restarted(moment: jax.Array, restart: jax.Array) -> jax.Array:
   """Zeros where `restart` (a scalar), else `moment`."""
   return jax.lax.select(restart, jax.lax.full_like(moment, 0), moment)
@@ -280,12 +289,16 @@ def scale_by_adam_moments(*, b1: float | jax.Array = 0.9, b2: float | jax.Array 
   def update_fn(updates, state, params=None):
     del params
     _tree.check_matches(state.mu, updates, "gradients")
-    mu = jax.tree.map(lambda m, g: m + (1 - b1) * (g.astype(m.dtype) - m), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)), state.nu,
-                      updates)
-    directions = jax.tree.map(lambda m, v, g: (m / (jnp.sqrt(v) + eps)).astype(g.dtype), mu, nu,
-                              updates)
-    return directions, ScaleByAdamMomentsState(mu=mu, nu=nu)
+    leaves, treedef = jax.tree.flatten(updates)
+    directions, mus, nus = [], [], []
+    for g, m, v in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
+      wide = jax.lax.convert_element_type(g, m.dtype)
+      direction, m, v = _adam_step(m, v, wide, jax.lax.mul(wide, wide), b1, b2, eps)
+      directions.append(jax.lax.convert_element_type(direction, g.dtype))
+      mus.append(m)
+      nus.append(v)
+    return treedef.unflatten(directions), ScaleByAdamMomentsState(
+        mu=treedef.unflatten(mus), nu=treedef.unflatten(nus))
 
   return optax.GradientTransformation(init_fn, update_fn)
 
@@ -375,10 +388,8 @@ def scale_by_spam(threshold: float | jax.Array = 5000.0, *, b1: float | jax.Arra
     for g, m, v in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
       m, v = _restarted(m, restart), _restarted(v, restart)
       wide, square, spike_count = _clip_spikes(g, v, threshold, active)
-      m = jax.lax.add(m, jax.lax.mul(_like(1 - b1, m), jax.lax.sub(wide, m)))
-      v = _ema(b2, v, square)
-      directions.append(jax.lax.convert_element_type(
-          jax.lax.div(m, jax.lax.add(jax.lax.sqrt(v), _like(eps, v))), g.dtype))
+      direction, m, v = _adam_step(m, v, wide, square, b1, b2, eps)
+      directions.append(jax.lax.convert_element_type(direction, g.dtype))
       mus.append(m)
       nus.append(v)
       spike_counts.append(spike_count)
