@@ -85,23 +85,24 @@ def scale_by_stable_adam(*, b1: float | jax.Array = 0.9, b2: float | jax.Array =
     _tree.check_matches(state.mu, updates, "gradients")
     count = optax.safe_int32_increment(state.count)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
-                      state.nu, updates)
+    squares = jax.tree.map(lambda v, g: jnp.square(g.astype(v.dtype)), state.nu, updates)
+    nu = jax.tree.map(lambda v, g2: b2 * v + (1 - b2) * g2, state.nu, squares)
     # Multiplies by the inverse corrections, not divides: XLA fuses a multiply into both
     # consumers of `v / correction` (the RMS and the step) but writes a divide out.
     mu_inverse_correction = 1 / (1 - b1 ** count)
     nu_inverse_correction = 1 / (1 - b2 ** count)
-    steps = jax.tree.map(
-        lambda m, v: m * mu_inverse_correction / (jnp.sqrt(v * nu_inverse_correction) + eps),
-        mu, nu)
-    divisors = jax.tree.map(  # max(1, RMS(g / sqrt(v))), per tensor
-        lambda v, g: jnp.maximum(jnp.sqrt(jnp.mean(jnp.square(g.astype(v.dtype) * jax.lax.rsqrt(
-            jnp.maximum(v * nu_inverse_correction, eps ** 2))))), 1.0),
-        nu, updates)
+    nu_hat = jax.tree.map(lambda v: v * nu_inverse_correction, nu)
+    # 1 / max(1, RMS(g / sqrt(v))) = rsqrt(max(1, mean(g**2 / v))): one scalar per tensor,
+    # folded with the bias correction (and the decay) into the step's scalar factors.
+    inverse_divisors = jax.tree.map(
+        lambda v, g2: jax.lax.rsqrt(jnp.maximum(jnp.mean(g2 / jnp.maximum(v, eps ** 2)), 1.0)),
+        nu_hat, squares)
+    steps = jax.tree.map(lambda m, v, r: m * (mu_inverse_correction * r) / (jnp.sqrt(v) + eps),
+                         mu, nu_hat, inverse_divisors)
     if _validation.concrete_value(weight_decay) != 0.0:
-      steps = weight_decay_lib._masked_add(steps, params, mask, lambda p: weight_decay * p)
-    new_updates = jax.tree.map(lambda s, d, g: (s / d).astype(g.dtype), steps, divisors,
-                               updates)
+      steps = weight_decay_lib._masked_add(steps, params, mask,
+                                           lambda p, r: (weight_decay * r) * p, inverse_divisors)
+    new_updates = jax.tree.map(lambda s, g: s.astype(g.dtype), steps, updates)
     return new_updates, ScaleByStableAdamState(count=count, mu=mu, nu=nu)
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -63,20 +63,22 @@ def _as_schedule(name: str, value: optax.ScalarOrSchedule) -> Callable[[jax.Arra
   return lambda count: value
 
 
-def _masked_add(updates: Any, params: Any, mask: Mask, term: Callable[[Any], Any]) -> Any:
-  """`updates + term(param)` on masked leaves (static bools or arrays), in the updates' dtype."""
+def _masked_add(updates: Any, params: Any, mask: Mask, term: Callable[..., Any],
+                *rests: Any) -> Any:
+  """`updates + term(param, *rest)` on masked leaves (static bools or arrays), in the updates'
+  dtype; `rests` are trees of the updates' structure whose leaves `term` also takes."""
   if params is None:
     raise ValueError("Weight decay and penalties need the parameters: call "
                      "`update(updates, state, params)`.")
   mask_tree = _resolve_mask(mask, params)
 
-  def add(update, param, decays):
+  def add(update, param, decays, *rest):
     if isinstance(decays, bool) and not decays:
       return update
-    new = update + term(param).astype(update.dtype)
+    new = update + term(param, *rest).astype(update.dtype)
     return new if isinstance(decays, bool) else jnp.where(decays, new, update)
 
-  return jax.tree.map(add, updates, params, mask_tree)
+  return jax.tree.map(add, updates, params, mask_tree, *rests)
 
 
 class DecoupledWeightDecayState(NamedTuple):
