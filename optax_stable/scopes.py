@@ -124,7 +124,7 @@ class _LeafPlan:
 
   group: int
   reduce_axes: tuple[int, ...]  # axes summed away; the rest index the leaf's sub-groups
-  kept_shape: tuple[int, ...]  # leaf shape with reduced axes set to 1 (for broadcasting)
+  kept_axes: tuple[int, ...]  # the other axes, in order: they index the group's entries
 
 
 class Partition:
@@ -323,14 +323,14 @@ class Partition:
     def scaled_squares(scales):
       planned = [plan for plan, is_paired in zip(self.plans, paired)
                  if plan is not None and not is_paired]
-      leaf_scales = [scales[plan.group].reshape(plan.kept_shape) for plan in planned]
+      leaf_scales = [scales[plan.group] for plan in planned]
       copies = iter(jax.lax.optimization_barrier(
           tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
       leaf_scales = iter([next(copies) if repeat else scale
                           for scale, repeat in zip(leaf_scales, is_repeat)])
 
       def leaf_sum(leaf, plan):  # called once per looped leaf, in order
-        return _sum(_abs_sq(_times(leaf, next(leaf_scales))), plan.reduce_axes)
+        return _sum(_abs_sq(_times(leaf, next(leaf_scales), plan.kept_axes)), plan.reduce_axes)
       return tuple(looped if pair is None else pair if looped is None else jax.lax.add(looped, pair)
                    for looped, pair in zip(looped_sums(leaf_sum), paired_squares(scales)))
 
@@ -380,7 +380,7 @@ class Partition:
         scaled.append(leaf)
       else:
         scaled.append(jax.lax.convert_element_type(
-            _times(leaf, groups[plan.group].reshape(plan.kept_shape)), leaf.dtype))
+            _times(leaf, groups[plan.group], plan.kept_axes), leaf.dtype))
     return jax.tree_util.tree_unflatten(self.treedef, scaled)
 
 
@@ -504,10 +504,9 @@ def _plain_and_downscaled_squares(leaf: jax.Array, axes: tuple[int, ...],
   float32 elements cannot overflow. `overflow_scale` must be a runtime value: XLA rewrites
   (x * c)**2 with a constant c into x**2 * c**2, which overflows again.
   """
-  scale = jax.lax.broadcast_in_dim(overflow_scale, (1,) * leaf.ndim, ())
   zero = np.zeros((), np.float32)
   # One reduction of two operands (module-level `_add_pairs`, so JAX traces it once).
-  return jax.lax.reduce((_abs_sq(leaf), _abs_sq(_times(leaf, scale))), (zero, zero),
+  return jax.lax.reduce((_abs_sq(leaf), _abs_sq(_times(leaf, overflow_scale, ()))), (zero, zero),
                         _add_pairs, axes)
 
 
@@ -534,11 +533,16 @@ def _sum(values: jax.Array, axes: tuple[int, ...]) -> jax.Array:
   return jax.lax.reduce(values, np.zeros((), values.dtype), jax.lax.add, axes)
 
 
-def _times(leaf: jax.Array, values: jax.Array) -> jax.Array:
-  """`leaf` in its compute dtype times group `values` (shaped `kept_shape`), broadcast."""
+def _times(leaf: jax.Array, values: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """`leaf` in its compute dtype times group `values`, broadcast along the leaf's `axes`.
+
+  One broadcast from the group's shape: through the leaf's rank (reduced axes of size 1) it
+  was a reshape and a broadcast more, per leaf and per use, for JAX to trace and XLA to
+  simplify away (AGC on 1,000 small leaves: 43 -> 37 HLO instructions per leaf).
+  """
   dtype = _compute_dtype(leaf)
   values = jax.lax.broadcast_in_dim(jax.lax.convert_element_type(values, dtype), leaf.shape,
-                                    tuple(range(leaf.ndim)))
+                                    axes)
   return jax.lax.mul(jax.lax.convert_element_type(leaf, dtype), values)
 
 
@@ -647,7 +651,7 @@ class Grouping:
       plans.append(_LeafPlan(
           group=labels[label],
           reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
-          kept_shape=tuple(n if axis in kept else 1 for axis, n in enumerate(leaf.shape))))
+          kept_axes=tuple(kept)))
     return Partition(treedef, plans, group_shapes, list(labels), self.axis_name,
                      group_arrays=group_arrays or self.scope == "unit", complete=complete)
 
