@@ -607,7 +607,8 @@ class Grouping:
   def _kept_axes(self, leaf: jax.Array, stack_axis: int | None) -> tuple[int, ...]:
     kept = () if stack_axis is None else (stack_axis,)
     if self.scope == "unit" and leaf.ndim - len(kept) >= 2:
-      kept += (leaf.ndim - 1,)
+      # A layer's units lie along its last axis: the leaf's last axis that is not the stack's.
+      kept = tuple(sorted(kept + (max(set(range(leaf.ndim)) - set(kept)),)))
     return kept
 
   def partition(self, tree: Any, group_arrays: bool = True) -> Partition:

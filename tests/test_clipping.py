@@ -328,6 +328,14 @@ def test_stacked_axis_can_be_given_per_regex():
                              np.ones(5), rtol=1e-6)
 
 
+def test_unit_scope_on_layers_stacked_on_the_last_axis():
+  grads = {"stack": {"w": jnp.ones((2, 3, 5))}}  # 5 layers of (2, 3) kernels: 3 units each
+  tx = ostab.clip_by_norm(1.0, scope="unit", stacked={"stack": -1})
+  clipped, _ = jax.jit(tx.update)(grads, tx.init(grads))
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(clipped["stack"]["w"]), axis=0),
+                             np.ones((3, 5)), rtol=1e-6)
+
+
 # Composition with Optax and Flax.
 
 
