@@ -243,7 +243,7 @@ class Partition:
     With `stacked`, also returns the norms stacked by group shape (see `norms`).
     """
     leaves = self._leaves(tree, what)
-    squares = self._group_sums(leaves, lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes))
+    squares = self._group_sums(leaves, _square_sum)
     # A vector container is joined from the sums (its one stack), as in `norms`.
     norms = (map_groups(jax.lax.sqrt, squares) if self.group_arrays
              else self._stacked(jax.lax.sqrt, squares)[0])
@@ -303,9 +303,13 @@ class Partition:
           jax.lax.eq(scale, jax.lax.full_like(scale, 1.0)), sq, scaled)
               for sq, scaled, scale in zip(plain, downscaled, scales)]
 
-    looped_sums = lambda leaf_sum: self._partial_sums([
-        None if plan is None or is_paired else leaf_sum(leaf, plan)
-        for plan, leaf, is_paired in zip(self.plans, leaves, paired)])
+    def looped_sums(leaf_sum, paired_sums):  # each group's looped sum, with its paired one
+      looped = self._partial_sums([None if plan is None or is_paired else leaf_sum(leaf, plan)
+                                   for plan, leaf, is_paired in zip(self.plans, leaves, paired)])
+      return tuple(sq if pair is None else pair if sq is None else jax.lax.add(sq, pair)
+                   for sq, pair in zip(looped, paired_sums))
+
+    plain_squares = lambda: looped_sums(_square_sum, plain)
 
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
     # share one broadcast of the group's scale: XLA merges them into one instruction, which
@@ -330,9 +334,8 @@ class Partition:
                           for scale, repeat in zip(leaf_scales, is_repeat)])
 
       def leaf_sum(leaf, plan):  # called once per looped leaf, in order
-        return _sum(_abs_sq(_times(leaf, next(leaf_scales), plan.kept_axes)), plan.reduce_axes)
-      return tuple(looped if pair is None else pair if looped is None else jax.lax.add(looped, pair)
-                   for looped, pair in zip(looped_sums(leaf_sum), paired_squares(scales)))
+        return _square_sum(_times(leaf, next(leaf_scales), plan.kept_axes), plan)
+      return looped_sums(leaf_sum, paired_squares(scales))
 
     # A second pass only runs on a step where a sum of squares overflowed (or the tree holds
     # NaN/Inf): each overflowed group is summed again scaled by 2**-80 (exact to float32
@@ -353,15 +356,16 @@ class Partition:
       # The first pass starts from squares of one, so only a sum that overflowed is downscaled.
       scales = map_groups(lambda sq, scale: jax.lax.select(
           _overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
-      squares = scaled_squares(scales)
+      # The first pass sums plain squares: a multiply by the scale (of one) inside XLA CPU's
+      # reductions costs a third of their time. A `lax.cond`, as XLA's static
+      # `cost_analysis()` counts the costlier branch: still the one read a normal step makes.
+      squares = jax.lax.cond(passes == 0, lambda _: plain_squares(), scaled_squares, scales)
       return passes + 1, scales, squares, _tree.all_finite(squares)
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
     # that start it take their type from sums over the same axes, which XLA drops unused.
-    typed = [sq if sq is not None else looped for sq, looped in zip(plain, looped_sums(
-        lambda leaf, plan: _sum(_abs_sq(leaf), plan.reduce_axes)))]
-    ones = tuple(jax.lax.full_like(total, 1.0) for total in typed)
+    ones = tuple(jax.lax.full_like(total, 1.0) for total in plain_squares())
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
     return squares, scales, finite
@@ -527,6 +531,11 @@ def _abs_sq(leaf: jax.Array) -> jax.Array:
         jnp.imag(leaf).astype(jnp.float32))
   leaf = jax.lax.convert_element_type(leaf, jnp.float32)
   return jax.lax.mul(leaf, leaf)
+
+
+def _square_sum(leaf: jax.Array, plan: _LeafPlan) -> jax.Array:
+  """Float32 sum of |leaf|**2 over the axes `plan` reduces."""
+  return _sum(_abs_sq(leaf), plan.reduce_axes)
 
 
 def _sum(values: jax.Array, axes: tuple[int, ...]) -> jax.Array:
