@@ -40,6 +40,7 @@ step runs once, and again, downscaled, where a group overflowed.
 
 from collections.abc import Callable, Mapping, Sequence
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -303,13 +304,18 @@ class Partition:
           jax.lax.eq(scale, jax.lax.full_like(scale, 1.0)), sq, scaled)
               for sq, scaled, scale in zip(plain, downscaled, scales)]
 
-    def looped_sums(leaf_sum, paired_sums):  # each group's looped sum, with its paired one
-      looped = self._partial_sums([None if plan is None or is_paired else leaf_sum(leaf, plan)
-                                   for plan, leaf, is_paired in zip(self.plans, leaves, paired)])
-      return tuple(sq if pair is None else pair if sq is None else jax.lax.add(sq, pair)
-                   for sq, pair in zip(looped, paired_sums))
+    # A large leaf's first pass sums its plain squares: multiplying by the scale (one, there)
+    # inside XLA CPU's reduction costs a third of its time. Its two sums are two reductions in
+    # the program, so small leaves (the bulk of a deep tree's compile time) keep one, scaled
+    # in both passes.
+    looped = [plan is not None and not is_paired for plan, is_paired in zip(self.plans, paired)]
+    large = [is_looped and leaf.size > _CPU_PAIRED_SIZE
+             for is_looped, leaf in zip(looped, leaves)]
+    small = [is_looped and not is_large for is_looped, is_large in zip(looped, large)]
 
-    plain_squares = lambda: looped_sums(_square_sum, plain)
+    def group_sums(which, leaf_sum):  # per group, the sum of `leaf_sum` over the leaves chosen
+      return tuple(self._partial_sums([leaf_sum(leaf, plan) if chosen else None
+                                       for plan, leaf, chosen in zip(self.plans, leaves, which)]))
 
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
     # share one broadcast of the group's scale: XLA merges them into one instruction, which
@@ -317,31 +323,31 @@ class Partition:
     # fusing the multiply into the sum (+1 read of those leaves). Each repeat gets its own
     # copy of the scale through a barrier XLA cannot see through. Only repeats: barriers on
     # the leaves of distinct groups are not needed, and made XLA's compile 30x slower.
-    seen = set()
-    is_repeat = []
-    for plan, leaf, is_paired in zip(self.plans, leaves, paired):
-      if plan is not None and not is_paired:
-        is_repeat.append((plan.group, leaf.shape) in seen)
-        seen.add((plan.group, leaf.shape))
-
-    def scaled_squares(scales):
-      planned = [plan for plan, is_paired in zip(self.plans, paired)
-                 if plan is not None and not is_paired]
-      leaf_scales = [scales[plan.group] for plan in planned]
+    def scaled_sums(which, scales):
+      groups = [plan.group for plan, chosen in zip(self.plans, which) if chosen]
+      seen, repeats = set(), []
+      for group, leaf in zip(groups, itertools.compress(leaves, which)):
+        repeats.append((group, leaf.shape) in seen)
+        seen.add((group, leaf.shape))
       copies = iter(jax.lax.optimization_barrier(
-          tuple(scale for scale, repeat in zip(leaf_scales, is_repeat) if repeat)))
-      leaf_scales = iter([next(copies) if repeat else scale
-                          for scale, repeat in zip(leaf_scales, is_repeat)])
+          tuple(scales[group] for group, repeat in zip(groups, repeats) if repeat)))
+      leaf_scales = iter([next(copies) if repeat else scales[group]
+                          for group, repeat in zip(groups, repeats)])
 
-      def leaf_sum(leaf, plan):  # called once per looped leaf, in order
+      def leaf_sum(leaf, plan):  # called once per chosen leaf, in order
         return _square_sum(_times(leaf, next(leaf_scales), plan.kept_axes), plan)
-      return looped_sums(leaf_sum, paired_squares(scales))
+      return group_sums(which, leaf_sum)
+
+    def joined(*sums):  # per group, the sum of the partial sums given (`None`: none)
+      return tuple(_tree.sum_arrays([sq for sq in parts if sq is not None])
+                   if any(sq is not None for sq in parts) else None for parts in zip(*sums))
 
     # A second pass only runs on a step where a sum of squares overflowed (or the tree holds
     # NaN/Inf): each overflowed group is summed again scaled by 2**-80 (exact to float32
-    # rounding, as `_plain_and_downscaled_squares` explains). A loop, not a
-    # `lax.cond`: the reductions appear once in the program, so they compile once and XLA's
-    # static `cost_analysis()` counts the one read a normal step makes.
+    # rounding, as `_plain_and_downscaled_squares` explains). A loop: the small leaves'
+    # reductions appear once in the program, so they compile once, and XLA's static
+    # `cost_analysis()` counts the one read a normal step makes (of the large leaves' two
+    # sums, in a `lax.cond`, it counts the costlier).
     # The loop also carries the verdict "every element finite": a finite sum of squares means
     # finite elements, and after the downscaled pass an infinite one means a NaN or an Inf.
     # Coming out of the loop it is one value; computed outside from the n group sums, XLA
@@ -356,16 +362,16 @@ class Partition:
       # The first pass starts from squares of one, so only a sum that overflowed is downscaled.
       scales = map_groups(lambda sq, scale: jax.lax.select(
           _overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
-      # The first pass sums plain squares: a multiply by the scale (of one) inside XLA CPU's
-      # reductions costs a third of their time. A `lax.cond`, as XLA's static
-      # `cost_analysis()` counts the costlier branch: still the one read a normal step makes.
-      squares = jax.lax.cond(passes == 0, lambda _: plain_squares(), scaled_squares, scales)
+      large_sums = jax.lax.cond(passes == 0, lambda _: group_sums(large, _square_sum),
+                                functools.partial(scaled_sums, large), scales)
+      squares = joined(scaled_sums(small, scales), large_sums, paired_squares(scales))
       return passes + 1, scales, squares, _tree.all_finite(squares)
 
     # A loop carry keeps one type from start to end: sharding (a kernel split over its output
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
     # that start it take their type from sums over the same axes, which XLA drops unused.
-    ones = tuple(jax.lax.full_like(total, 1.0) for total in plain_squares())
+    ones = tuple(jax.lax.full_like(total, 1.0)
+                 for total in joined(group_sums(looped, _square_sum), plain))
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
     return squares, scales, finite
@@ -456,7 +462,8 @@ _OVERFLOW_SCALE = 2.0 ** -80
 # while each paired leaf saves its share of the loop's compile time (AGC on 1,000 small leaves:
 # 12-13 s -> 8-9 s). Off XLA CPU every leaf is paired: XLA GPU copies the loop's predicate to
 # the host and waits for it on every iteration (its `WhileThunk`), a synchronisation per step.
-# (TPUs run loops on the device; pairing there is not measured.)
+# (TPUs run loops on the device; pairing there is not measured.) Looped leaves larger than
+# this also sum plain squares in the loop's first pass (see `Partition._loop`).
 _CPU_PAIRED_SIZE = 4096
 
 

@@ -106,17 +106,21 @@ def test_float16_gradient_of_300_is_clipped_not_zeroed():
   assert ours["w"].dtype == jnp.float16
 
 
-# The norm pass's formulations (`scopes._paired_size`): every leaf through the overflow loop
-# (XLA CPU's large leaves), every leaf's two sums from one reduction (other backends), and both
-# in one tree, in one group (leaves of up to 8 elements paired: this file's biases).
-_NORM_PASSES = {"loop": lambda groups: 0, "pairs": lambda groups: math.inf,
-                "mixed": lambda groups: 8}
+# The norm pass's formulations (`scopes._paired_size`, and the leaf size above which a looped
+# leaf's first pass sums plain squares): every leaf through the overflow loop (XLA CPU), small
+# and large looped leaves in one group (leaves of up to 8 elements small: this file's biases),
+# every leaf's two sums from one reduction (other backends), and paired and looped leaves in
+# one group (leaves of up to 8 elements paired).
+_NORM_PASSES = {"loop": (lambda groups: 0, 4096), "loop_large": (lambda groups: 0, 8),
+                "pairs": (lambda groups: math.inf, 4096), "mixed": (lambda groups: 8, 4096)}
 
 
 @pytest.fixture(params=list(_NORM_PASSES))
 def norm_pass(request, monkeypatch):
   """Runs a test under each formulation; the test must build and jit its transforms itself."""
-  monkeypatch.setattr(ostab.scopes, "_paired_size", _NORM_PASSES[request.param])
+  paired_size, large_size = _NORM_PASSES[request.param]
+  monkeypatch.setattr(ostab.scopes, "_paired_size", paired_size)
+  monkeypatch.setattr(ostab.scopes, "_CPU_PAIRED_SIZE", large_size)
 
 
 def _fresh_clip(grads, scope, max_norm=1.0):
