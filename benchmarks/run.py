@@ -9,13 +9,19 @@ Prints the tables and writes benchmarks/results.json.
 
 Sections:
   1. transforms: for each pair (ours, Optax's), on the "wide" tree (GPT-2-small-shaped, 124M
-     float32 params in 148 leaves) and the "deep" tree (1,000 small leaves), both compiled as
-     `jit(tx.update)` and timed interleaved in the same process (median of `--repeats` steps
-     after warm-up; the state is not threaded, so an accumulator always times a micro-step):
-     step time and its ratio to Optax's; XLA `cost_analysis()` bytes accessed per param byte
-     and per floor byte (floor: every input read once, every output written once); temp and
-     argument bytes from `memory_analysis()`; state bytes per param; trace and compile time.
-     Pairs a target of the benchmark issue applies to are checked (`ok` / `MISS`).
+     float32 params in 148 leaves), the "blocks" tree (12 identical large blocks) and the
+     "deep" tree (1,000 small leaves), both compiled as `jit(tx.update)` and timed interleaved
+     in the same process (median of `--repeats` steps after warm-up; the state is not
+     threaded, so an accumulator always times a micro-step): update time and its ratio to
+     Optax's; on the wide and blocks trees also the train step as training loops run it
+     (updates applied, params and state donated, state threaded), which the step-time targets
+     judge: without donation every call writes fresh output buffers, and on XLA CPU the
+     kernel's zeroing of their pages takes most of the update's time. XLA `cost_analysis()`
+     bytes accessed per param byte and per floor byte (floor: every input read once, every
+     output written once); temp and argument bytes from `memory_analysis()`; state bytes per
+     param; trace and compile time. Pairs a target of the benchmark issue applies to are
+     checked (`ok` / `MISS`). Reference rows time a hand-fused clip + Adam (`_fused_clip_adam`):
+     the floor of anything that reads the gradients once more than Adam does.
   2. accumulation: a realistic train step (updates applied to the params, with and without
      buffer donation) of `accumulate(adam, 4)` and `optax.MultiSteps(adam, 4)` on the wide tree:
      median micro-step and k-th step times, state bytes.
@@ -80,6 +86,32 @@ def _layer_norms() -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda params: (norms(params), norms(params)), update_fn)
 
 
+def _fused_clip_adam() -> optax.GradientTransformation:
+  """Global-norm clipping and Adam written as one function, the floor of every chain that
+  reads the gradients once before Adam: one sum of squares per leaf, then Adam's elementwise
+  pass with the clip factor folded in (XLA fuses each leaf's moments and update)."""
+  b1, b2, eps = 0.9, 0.999, 1e-8
+
+  def init_fn(params):
+    zeros = lambda: jax.tree.map(jnp.zeros_like, params)
+    return jnp.zeros([], jnp.int32), zeros(), zeros()
+
+  def update_fn(updates, state, params=None):
+    del params
+    count, mu, nu = state
+    squares = sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(updates))
+    factor = jnp.minimum(1.0, jax.lax.rsqrt(squares))  # max_norm 1
+    count = count + 1
+    step = count.astype(jnp.float32)
+    mu = jax.tree.map(lambda g, m: b1 * m + (1 - b1) * factor * g, updates, mu)
+    nu = jax.tree.map(lambda g, v: b2 * v + (1 - b2) * jnp.square(factor * g), updates, nu)
+    updates = jax.tree.map(
+        lambda m, v: -LR * (m / (1 - b1**step)) / (jnp.sqrt(v / (1 - b2**step)) + eps), mu, nu)
+    return updates, (count, mu, nu)
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 def pairs() -> list[Pair]:
   """Pairs grouped by baseline, so each baseline is compiled once per tree."""
   optax_clip = lambda: optax.clip_by_global_norm(1.0)
@@ -89,31 +121,31 @@ def pairs() -> list[Pair]:
   # (ours, name, baseline targets alone, targets with Adam)
   global_clips = [
       ("clip_by_global_norm", lambda: ostab.clip_by_global_norm(1.0),
-       {"bytes_x": 10.05, "time_ratio": 0.9}),
-      ("zclip", ostab.zclip, {"bytes_x": 10.05, "time_ratio": 0.9}),
-      ("autoclip[global]", ostab.autoclip, {"bytes_x": 10.05, "time_ratio": 0.9}),
+       {"bytes_x": 10.05, "train_ratio": 0.9}),
+      ("zclip", ostab.zclip, {"bytes_x": 10.05, "train_ratio": 0.9}),
+      ("autoclip[global]", ostab.autoclip, {"bytes_x": 10.05, "train_ratio": 0.9}),
       ("adagc[global]", lambda: ostab.adagc(scope="global"),
-       {"bytes_x": 10.05, "time_ratio": 0.9}),
+       {"bytes_x": 10.05, "train_ratio": 0.9}),
       ("autoclip[leaf, H=1000]", lambda: ostab.autoclip(scope="leaf", history_length=1000),
-       {"time_ratio": 1.15}),
+       {"train_ratio": 1.15}),
       ("adagc[leaf]", ostab.adagc, {"bytes_x": 10.05}),
       ("spike_clip", ostab.spike_clip, {}),
   ]
   per_group_clips = [
       ("adaptive_grad_clip", lambda: ostab.adaptive_grad_clip(0.01),
-       {"bytes_x": 11.05, "time_ratio": 1.0}),
+       {"bytes_x": 11.05, "train_ratio": 1.0}),
       ("clip_by_norm[layer]", lambda: ostab.clip_by_norm(1.0, scope="layer"),
-       {"bytes_x": 10.05, "time_ratio": 1.0}),
+       {"bytes_x": 10.05, "train_ratio": 1.0}),
       ("clip_by_norm[leaf]", lambda: ostab.clip_by_norm(1.0, scope="leaf"),
-       {"bytes_x": 10.05, "time_ratio": 1.0}),
+       {"bytes_x": 10.05, "train_ratio": 1.0}),
       ("clip_by_norm[unit]", lambda: ostab.clip_by_norm(1.0, scope="unit"),
-       {"bytes_x": 10.05, "time_ratio": 1.0}),
+       {"bytes_x": 10.05, "train_ratio": 1.0}),
   ]
   result = []
   for clips, baseline_name, baseline in ((global_clips, "clip_by_global_norm", optax_clip),
                                          (per_group_clips, "adaptive_grad_clip", optax_agc)):
     result += [Pair(f"ostab.{name}", make, f"optax.{baseline_name}", baseline,
-                    {"time_ratio": 1.0} if name == "adaptive_grad_clip" else {})
+                    {"train_ratio": 1.0} if name == "adaptive_grad_clip" else {})
                for name, make, _ in clips]
     result += [Pair(f"chain(ostab.{name}, adam)", _with_adam(make),
                     f"chain(optax.{baseline_name}, adam)", _with_adam(baseline), targets)
@@ -136,7 +168,7 @@ def pairs() -> list[Pair]:
            lambda: optax.apply_if_finite(_with_adam(optax_clip)(), 10), {"bytes_x": 11.0}),
       Pair("ostab.skip_nonfinite(chain(ostab.clip, adam))",
            lambda: ostab.skip_nonfinite(_with_adam(lambda: ostab.clip_by_global_norm(1.0))()),
-           "optax.adam", _adam, {"time_ratio": 1.1}, equivalent=False),
+           "optax.adam", _adam, {"train_ratio": 1.1}, equivalent=False),
       Pair("ostab.periodic_reset(adam, 500)", lambda: ostab.periodic_reset(_adam(), 500),
            "optax.adam", _adam),
       Pair("ostab.scale_by_adam_moments", ostab.scale_by_adam_moments, "optax.scale_by_adam",
@@ -157,7 +189,7 @@ def pairs() -> list[Pair]:
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD)),
       Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
            "optax.adamw", lambda: optax.adamw(LR, weight_decay=WD),
-           {"bytes_x": 11.0, "time_ratio": 1.1}, equivalent=False),
+           {"bytes_x": 11.0, "train_ratio": 1.1}, equivalent=False),
       # The same recipe against what Optax offers for it: a guard around clip + AdamW.
       Pair("ostab.recipes.robust_adamw", lambda: ostab.recipes.robust_adamw(LR, weight_decay=WD),
            "apply_if_finite(chain(optax.clip, adamw))",
@@ -165,7 +197,7 @@ def pairs() -> list[Pair]:
                optax.chain(optax_clip(), optax.adamw(LR, weight_decay=WD)), 10)),
       # The low-precision issue's targets: the loss scale costs one read of the gradients.
       Pair("ostab.dynamic_loss_scale(adam)", lambda: ostab.dynamic_loss_scale(_adam()),
-           "optax.adam", _adam, {"bytes_x": 10.05, "time_ratio": 1.05}, equivalent=False),
+           "optax.adam", _adam, {"bytes_x": 10.05, "train_ratio": 1.05}, equivalent=False),
       # Optax has no loss scale; its part of one is skipping the steps that overflowed.
       Pair("ostab.dynamic_loss_scale(adam)", lambda: ostab.dynamic_loss_scale(_adam()),
            "optax.apply_if_finite(adam)", lambda: optax.apply_if_finite(_adam(), 10)),
@@ -177,11 +209,17 @@ def pairs() -> list[Pair]:
            lambda: optax.chain(ostab.monitor(what=("grad",)), ostab.clip_by_norm(1.0),
                                _adam()),
            "chain(ostab.clip_by_norm[layer], adam)",
-           _with_adam(lambda: ostab.clip_by_norm(1.0)), {"time_ratio": 1.02}),
+           _with_adam(lambda: ostab.clip_by_norm(1.0)), {"train_ratio": 1.02}),
       Pair("chain(ostab.monitor, adam)", lambda: optax.chain(ostab.monitor(), _adam()),
            "optax.adam", _adam, equivalent=False),
       Pair("chain(ostab.monitor, adam)", lambda: optax.chain(ostab.monitor(), _adam()),
            "chain(per-layer optax.tree.norm, adam)", _with_adam(_layer_norms)),
+      # References, not ours: what the chains that read the gradients once before Adam can
+      # reach on this machine, against Optax's clip + Adam and against Adam alone.
+      Pair("reference: hand-fused clip + adam", _fused_clip_adam, clip_adam,
+           _with_adam(optax_clip), equivalent=False),
+      Pair("reference: hand-fused clip + adam", _fused_clip_adam, "optax.adam", _adam,
+           equivalent=False),
   ]
   return result
 
@@ -193,26 +231,33 @@ def _check(targets: dict[str, float], row: dict[str, Any]) -> str:
 
 def transforms_table(params: Any, tree_name: str, repeats: int,
                      targets: Callable[[Pair], dict[str, float]],
-                     only: str | None = None) -> list[dict[str, Any]]:
+                     only: str | None = None, train_step: bool = True) -> list[dict[str, Any]]:
   grads = jax.tree.map(lambda p: 0.05 * p + 1e-3, params)
   param_bytes = harness.tree_bytes(params)
-  rows, cached = [], (None, None)
+  rows, cached = [], (None, None, None)
   for pair in pairs():
     if only is not None and not re.search(only, pair.name):
       continue
     if cached[0] != pair.baseline:
-      cached = (None, None)  # frees the previous baseline's state before building the next
-      cached = (pair.baseline, harness.Compiled.build(pair.make_baseline(), params, grads))
-    base = cached[1]
+      cached = (None, None, None)  # frees the previous baseline before building the next
+      base = harness.Compiled.build(pair.make_baseline(), params, grads)
+      cached = (pair.baseline, base, _train_run(base.tx, params, base.state) if train_step
+                else None)
+    _, base, base_train = cached
     ours = harness.Compiled.build(pair.make(), params, grads)
-    runs = {"ours": ours, "base": base}
-    times = harness.interleaved_times(
-        {key: (lambda _, c=c: jax.block_until_ready(c.run(grads, c.state, params)))
-         for key, c in runs.items()}, repeats)
-    ms = {key: harness.median_ms(t) for key, t in times.items()}
+    steps = {key: (lambda _, c=c: jax.block_until_ready(c.run(grads, c.state, params)))
+             for key, c in (("ours", ours), ("base", base))}
+    if train_step:
+      ours_train = _train_run(ours.tx, params, ours.state)
+      steps |= {f"{key}_train": (lambda _, run=run: _train_once(run, grads))
+                for key, run in (("ours", ours_train), ("base", base_train))}
+    ms = {key: harness.median_ms(t)
+          for key, t in harness.interleaved_times(steps, repeats).items()}
     row = {"tree": tree_name, "transform": pair.name.strip(), "baseline": pair.baseline,
            "step_ms": ms["ours"], "baseline_ms": ms["base"],
            "time_ratio": ms["ours"] / ms["base"],
+           "train_ms": ms.get("ours_train"), "baseline_train_ms": ms.get("base_train"),
+           "train_ratio": ms["ours_train"] / ms["base_train"] if train_step else None,
            "bytes_x": ours.bytes_accessed / param_bytes,
            "baseline_bytes_x": base.bytes_accessed / param_bytes,
            "floor_x": ours.bytes_accessed / ours.floor_bytes,
@@ -228,10 +273,11 @@ def transforms_table(params: Any, tree_name: str, repeats: int,
     row["compile_ratio"] = ((row["trace_s"] + row["compile_s"])
                             / (row["baseline_trace_s"] + row["baseline_compile_s"]))
     row["check"] = _check(targets(pair), row)
-    print(f"  {tree_name:4s} {row['transform']:52s} {row['time_ratio']:5.2f}x "
-          f"{row['bytes_x']:5.1f}x {row['check']}", flush=True)
+    train = "" if row["train_ratio"] is None else f"train step {row['train_ratio']:5.2f}x "
+    print(f"  {tree_name:4s} {row['transform']:52s} update {row['time_ratio']:5.2f}x "
+          f"{train}{row['bytes_x']:5.1f}x {row['check']}", flush=True)
     rows.append(row)
-    del ours, runs
+    del ours, steps
   return rows
 
 
@@ -241,6 +287,19 @@ def _train_step(tx, donate):
     return optax.apply_updates(params, updates), state
 
   return jax.jit(step, donate_argnums=(0, 1) if donate else ())
+
+
+def _train_run(tx, params: Any, state: Any, donate: bool = True) -> dict[str, Any]:
+  """A train step of `tx` with its own params and state, threaded by `_train_once`."""
+  # A buffer per field: MultiSteps' init shares one scalar between fields, which donation
+  # rejects.
+  return {"step": _train_step(tx, donate), "params": jax.tree.map(jnp.copy, params),
+          "state": jax.tree.map(jnp.copy, state)}
+
+
+def _train_once(run: dict[str, Any], grads: Any) -> None:
+  run["params"], run["state"] = run["step"](run["params"], run["state"], grads)
+  jax.block_until_ready(run["params"])
 
 
 def accumulation_table(params: Any, cycles: int) -> list[dict[str, Any]]:
@@ -260,23 +319,15 @@ def accumulation_table(params: Any, cycles: int) -> list[dict[str, Any]]:
       runs = {}
       for key, make in (("ours", ours), ("base", base)):
         tx = make()
-        # A buffer per field: MultiSteps' init shares one scalar between fields, which
-        # donation rejects.
-        state = jax.tree.map(jnp.copy, tx.init(params))
-        step = _train_step(tx, donate)
-        static_bytes = harness.bytes_accessed(step.lower(params, state, grads).compile())
-        runs[key] = {"step": step, "params": jax.tree.map(jnp.copy, params), "state": state,
-                     "state_bytes": harness.tree_bytes(state),
-                     "static_bytes": static_bytes}
-
-      def one_step(_, run):
-        run["params"], run["state"] = run["step"](run["params"], run["state"], grads)
-        jax.block_until_ready(run["params"])
+        run = _train_run(tx, params, tx.init(params), donate)
+        static = run["step"].lower(run["params"], run["state"], grads).compile()
+        runs[key] = run | {"state_bytes": harness.tree_bytes(run["state"]),
+                           "static_bytes": harness.bytes_accessed(static)}
 
       # Each callable is one micro-step; K consecutive rounds make a cycle, so round i is a
       # k-th step when i % K == K - 1 (warm-up is a whole cycle).
       times = harness.interleaved_times(
-          {key: (lambda i, run=run: one_step(i, run)) for key, run in runs.items()},
+          {key: (lambda _, run=run: _train_once(run, grads)) for key, run in runs.items()},
           repeats=K * cycles, warmup=K)
       row = {"transform": ours_name, "baseline": base_name, "donate": donate}
       for key, run in runs.items():
@@ -362,16 +413,23 @@ def _merged(previous: dict[str, Any], rerun: dict[str, Any], how: str) -> dict[s
   return previous | {"provenance": " ".join(filter(None, [previous.get("provenance"), note]))}
 
 
+def _optional(value: float | None, spec: str) -> str:
+  return format(value, spec) if value is not None else "-".rjust(int(spec.split(".")[0]))
+
+
 def _print_tables(results: dict[str, Any]) -> None:
   print(f"\n{results['machine']}")
   print("; ".join(f"{name}: {about}" for name, about in results["trees"].items()) + "\n")
   header = (f"{'tree':4s} {'transform':48s} {'vs optax':40s} {'ms':>8s} {'ratio':>6s} "
+            f"{'train ms':>8s} {'ratio':>6s} "
             f"{'B/param B':>9s} {'optax':>6s} {'/floor':>6s} {'temp MB':>8s} {'arg MB':>7s} "
             f"{'state B/p':>9s} {'compile s':>9s} {'ratio':>6s}  target")
   print(header)
   for row in results["transforms"]:
     print(f"{row['tree']:4s} {row['transform'][:48]:48s} {row['baseline'][:40]:40s} "
-          f"{row['step_ms']:8.2f} {row['time_ratio']:5.2f}x {row['bytes_x']:8.2f}x "
+          f"{row['step_ms']:8.2f} {row['time_ratio']:5.2f}x "
+          f"{_optional(row.get('train_ms'), '8.2f')} {_optional(row.get('train_ratio'), '5.2f')}x "
+          f"{row['bytes_x']:8.2f}x "
           f"{row['baseline_bytes_x']:5.2f}x {row['floor_x']:5.2f}x "
           f"{row['temp_bytes'] / 1e6:8.2f} {row['argument_bytes'] / 1e6:7.0f} "
           f"{row['state_bytes_per_param']:9.2f} {row['trace_s'] + row['compile_s']:9.2f} "
@@ -448,9 +506,10 @@ def main():
                                     } if pair.equivalent else {}
     results["transforms"] = []
     for name in args.trees:
+      # The deep tree is judged on compile time; its 2 MB step is not allocation-bound.
       results["transforms"] += transforms_table(
           trees[name](), name, repeats, compile_targets if name == "deep" else size_targets,
-          args.only)
+          args.only, train_step=name != "deep")
       if args.only is None:
         save()
   if "accumulation" in args.sections:
