@@ -214,3 +214,30 @@ def test_per_group_state_keeps_the_kernels_of_leaves_alike_identical(make):
                          for i in range(layers)}
   grown = _distinct_kernels(make(), tree(48)) - _distinct_kernels(make(), tree(16))
   assert grown <= (96 - 32) // ostab.scopes._SPLIT_OUTPUTS + 8
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax.chain(ostab.clip_by_global_norm(1.0), optax.adam(1e-3)),
+    lambda: optax.chain(ostab.clip_by_norm(1.0, scope="unit"), optax.adam(1e-3)),
+    lambda: optax.chain(ostab.adaptive_grad_clip(0.01), optax.adam(1e-3)),
+    lambda: ostab.skip_nonfinite(_inner("clip_by_global_norm")),
+    lambda: ostab.recipes.robust_adamw(1e-3),
+    lambda: ostab.dynamic_loss_scale(optax.adam(1e-3)),
+], ids=["clip+adam", "unit+adam", "agc+adam", "guarded clip+adam", "robust_adamw",
+        "loss_scale(adam)"])
+def test_a_donated_train_step_updates_in_place(make):
+  """Training loops donate the params and the state: XLA then writes them in place, unless a
+  buffer is still read after the kernel that overwrites it may run, where it copies the buffer
+  first (+2 param bytes per step; `monitor(what=("param",))`, `spike_clip` and `accumulate`
+  still do, see BUILD_NOTES)."""
+  tx = make()
+
+  def train_step(params, state, grads):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  state = jax.tree.map(jnp.copy, tx.init(_PARAMS))
+  program = jax.jit(train_step, donate_argnums=(0, 1)).lower(
+      jax.tree.map(jnp.copy, _PARAMS), state, _PARAMS).compile().as_text()
+  assert "input_output_alias" in program
+  assert not re.findall(r"= f32\[2048,64\]\S* copy\(", program)
