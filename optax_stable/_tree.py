@@ -31,6 +31,26 @@ def stack_to_reduce(arrays: list[jax.Array]) -> jax.Array:
 _CHAINED = 8  # arrays `sum_arrays` adds one by one; more are stacked and reduced
 
 
+def unmerged(values: list[jax.Array], keys: list[Any]) -> list[jax.Array]:
+  """`values`, each whose key came before (`None` keys excepted) replaced by a copy of it that
+  XLA cannot merge with the others.
+
+  Leaves of equal shapes (a Transformer's blocks) that multiply by one scalar inside their
+  reductions share one broadcast of it: XLA merges the broadcasts into one instruction, which
+  XLA CPU writes out as a leaf-sized buffer and reads beside every such leaf instead of
+  fusing the broadcast into each reduction (+1 read of those leaves, and a write). Keyed by
+  (scalar, leaf shape), each repeat gets its own copy through one optimization barrier. Only
+  repeats: barriers on every leaf made XLA's compile 30x slower.
+  """
+  seen, repeats = set(), []
+  for key in keys:
+    repeats.append(key is not None and key in seen)
+    seen.add(key)
+  copies = iter(jax.lax.optimization_barrier(
+      tuple(value for value, repeat in zip(values, repeats) if repeat)))
+  return [next(copies) if repeat else value for value, repeat in zip(values, repeats)]
+
+
 def sum_arrays(arrays: list[jax.Array]) -> jax.Array:
   """The elementwise sum of equally shaped arrays, compiled fast whatever their number.
 

@@ -318,21 +318,12 @@ class Partition:
                                        for plan, leaf, chosen in zip(self.plans, leaves, which)]))
 
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
-    # share one broadcast of the group's scale: XLA merges them into one instruction, which
-    # XLA CPU writes out as a leaf-sized buffer and reads beside every such leaf instead of
-    # fusing the multiply into the sum (+1 read of those leaves). Each repeat gets its own
-    # copy of the scale through a barrier XLA cannot see through. Only repeats: barriers on
-    # the leaves of distinct groups are not needed, and made XLA's compile 30x slower.
+    # share one broadcast of the group's scale, written out (`_tree.unmerged`).
     def scaled_sums(which, scales):
       groups = [plan.group for plan, chosen in zip(self.plans, which) if chosen]
-      seen, repeats = set(), []
-      for group, leaf in zip(groups, itertools.compress(leaves, which)):
-        repeats.append((group, leaf.shape) in seen)
-        seen.add((group, leaf.shape))
-      copies = iter(jax.lax.optimization_barrier(
-          tuple(scales[group] for group, repeat in zip(groups, repeats) if repeat)))
-      leaf_scales = iter([next(copies) if repeat else scales[group]
-                          for group, repeat in zip(groups, repeats)])
+      leaf_scales = iter(_tree.unmerged(
+          [scales[group] for group in groups],
+          [(group, leaf.shape) for group, leaf in zip(groups, itertools.compress(leaves, which))]))
 
       def leaf_sum(leaf, plan):  # called once per chosen leaf, in order
         return _square_sum(_times(leaf, next(leaf_scales), plan.kept_axes), plan)

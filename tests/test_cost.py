@@ -154,6 +154,14 @@ def test_robust_adamw_is_adamw_plus_the_norm_pass():
   assert robust <= adamw + _READ + _STATS
 
 
+def test_stable_adamw_is_adamw_plus_the_rms_reads():
+  """The update RMS is one reduction over the gradient and the new second moment, sharing
+  nothing XLA would write out with the step (the three blocks repeat one shape)."""
+  adamw = _bytes_per_param_byte(optax.adamw(1e-3))
+  stable = _bytes_per_param_byte(ostab.recipes.stable_adamw(1e-3))
+  assert stable <= adamw + 2 * _READ + _STATS
+
+
 @pytest.mark.parametrize("inner, reads", [("adam", 1), ("clip_by_global_norm", 3)])
 def test_the_loss_scale_costs_what_the_guard_does(inner, reads, adam_bytes):
   """The guard's cost, as above: unscaling fuses into Adam's kernels. A clip inside measures
