@@ -92,35 +92,36 @@ def scale_by_stable_adam(*, b1: float | jax.Array = 0.9, b2: float | jax.Array =
     _tree.check_matches(state.mu, updates, "gradients")
     count = optax.safe_int32_increment(state.count)
     mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g.astype(m.dtype), state.mu, updates)
-    nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * jnp.square(g.astype(v.dtype)),
-                      state.nu, updates)
     # Multiplies by the inverse corrections, not divides: XLA fuses a multiply into both
     # consumers of `v / correction` (the RMS and the step) but writes a divide out.
     mu_inverse_correction = 1 / (1 - b1 ** count)
     nu_inverse_correction = 1 / (1 - b2 ** count)
 
-    def mean_square_ratio(v, g, floor):  # mean(g**2 / max(v_hat, eps**2))
+    def second_moment(v, g, floor):
+      """`v` updated, bias-corrected, and mean(g**2 / max(v_hat, eps**2)) for the RMS."""
       g = g.astype(v.dtype)
-      if v.size <= _SHARED_SIZE:  # `v`'s g**2 and the step's v_hat, shared
-        return jnp.mean(jnp.square(g) / jnp.maximum(v * nu_inverse_correction, eps ** 2))
+      if v.size <= _SHARED_SIZE:  # g**2 and v_hat computed once for both
+        squares = jnp.square(g)
+        v = b2 * v + (1 - b2) * squares
+        v_hat = v * nu_inverse_correction
+        return v, v_hat, jnp.mean(squares / jnp.maximum(v_hat, eps ** 2))
       # On a large leaf XLA writes out an intermediate that the reduction shares with `v`'s
       # update or with the step (+2 param bytes each): the mean is `g / v * g`, over `v`
       # itself, corrected after (max(v * c, eps**2) = c * max(v, eps**2 / c) for c >= 1).
-      return jnp.mean(g / jnp.maximum(v, floor) * g) / nu_inverse_correction
+      v = b2 * v + (1 - b2) * jnp.square(g)
+      return (v, v * nu_inverse_correction,
+              jnp.mean(g / jnp.maximum(v, floor) * g) / nu_inverse_correction)
 
+    leaves, treedef = jax.tree.flatten(state.nu)
+    floors = _tree.unmerged([eps ** 2 / nu_inverse_correction] * len(leaves),
+                            [v.shape if v.size > _SHARED_SIZE else None for v in leaves])
+    nu, nu_hat, mean_ratios = (treedef.unflatten(column) for column in zip(*map(
+        second_moment, leaves, treedef.flatten_up_to(updates), floors)))
     # 1 / max(1, RMS(g / sqrt(v_hat))) = rsqrt(max(1, mean(g**2 / v_hat))): one scalar per
     # tensor, folded with the bias correction (and the decay) into the step's scalar factors.
-    nu_leaves, treedef = jax.tree.flatten(nu)
-    floors = treedef.unflatten(_tree.unmerged(
-        [eps ** 2 / nu_inverse_correction] * len(nu_leaves),
-        [v.shape if v.size > _SHARED_SIZE else None for v in nu_leaves]))
-    inverse_divisors = jax.tree.map(
-        lambda v, g, floor: jax.lax.rsqrt(jnp.maximum(mean_square_ratio(v, g, floor), 1.0)),
-        nu, updates, floors)
-    steps = jax.tree.map(
-        lambda m, v, r: m * (mu_inverse_correction * r) / (jnp.sqrt(v * nu_inverse_correction)
-                                                           + eps),
-        mu, nu, inverse_divisors)
+    inverse_divisors = jax.tree.map(lambda x: jax.lax.rsqrt(jnp.maximum(x, 1.0)), mean_ratios)
+    steps = jax.tree.map(lambda m, v, r: m * (mu_inverse_correction * r) / (jnp.sqrt(v) + eps),
+                         mu, nu_hat, inverse_divisors)
     if _validation.concrete_value(weight_decay) != 0.0:
       steps = weight_decay_lib._masked_add(steps, params, mask,
                                            lambda p, r: (weight_decay * r) * p, inverse_divisors)
