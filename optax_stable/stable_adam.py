@@ -115,8 +115,9 @@ def scale_by_stable_adam(*, b1: float | jax.Array = 0.9, b2: float | jax.Array =
     leaves, treedef = jax.tree.flatten(state.nu)
     floors = _tree.unmerged([eps ** 2 / nu_inverse_correction] * len(leaves),
                             [v.shape if v.size > _SHARED_SIZE else None for v in leaves])
-    nu, nu_hat, mean_ratios = (treedef.unflatten(column) for column in zip(*map(
-        second_moment, leaves, treedef.flatten_up_to(updates), floors)))
+    moments = list(map(second_moment, leaves, treedef.flatten_up_to(updates), floors))
+    nu, nu_hat, mean_ratios = (treedef.unflatten([leaf[i] for leaf in moments])
+                               for i in range(3))
     # 1 / max(1, RMS(g / sqrt(v_hat))) = rsqrt(max(1, mean(g**2 / v_hat))): one scalar per
     # tensor, folded with the bias correction (and the decay) into the step's scalar factors.
     inverse_divisors = jax.tree.map(lambda x: jax.lax.rsqrt(jnp.maximum(x, 1.0)), mean_ratios)
