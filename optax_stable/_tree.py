@@ -38,9 +38,10 @@ def unmerged(values: list[jax.Array], keys: list[Any]) -> list[jax.Array]:
   Leaves of equal shapes (a Transformer's blocks) that multiply by one scalar inside their
   reductions share one broadcast of it: XLA merges the broadcasts into one instruction, which
   XLA CPU writes out as a leaf-sized buffer and reads beside every such leaf instead of
-  fusing the broadcast into each reduction (+1 read of those leaves, and a write). Keyed by
-  (scalar, leaf shape), each repeat gets its own copy through one optimization barrier. Only
-  repeats: barriers on every leaf made XLA's compile 30x slower.
+  fusing the broadcast into each reduction (+1 read of those leaves, and a write). Callers
+  key each value by what would merge it (its scalar and its leaf's shape); each repeat gets
+  its own copy through one optimization barrier. Only repeats: barriers on every leaf made
+  XLA's compile 30x slower.
   """
   seen, repeats = set(), []
   for key in keys:

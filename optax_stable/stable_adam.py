@@ -19,9 +19,9 @@ from optax_stable import weight_decay as weight_decay_lib
 
 
 # Leaves of at most this many elements share intermediates between StableAdamW's RMS and its
-# step, which compiles faster on many small leaves (1,000 leaves: 1.42x against 1.56x the
+# step, which compiles faster on many small leaves (1,000 leaves: 1.47x against 1.56x the
 # trace + compile time of `optax.adamw`); larger ones do not, which reads less (12 large
-# blocks: 13.1x against 17.1x param bytes per update, XLA CPU).
+# blocks: 12.0x against 17.1x param bytes per update, XLA CPU).
 _SHARED_SIZE = 4096
 
 
