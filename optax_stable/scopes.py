@@ -167,14 +167,12 @@ class Partition:
       return jnp.zeros((0,), jnp.float32)
     return jnp.concatenate([group.reshape(-1) for group in groups])
 
-  def _leaf_stats(self, leaves: list[Any], stat: Callable) -> list[jax.Array | None]:
-    stats = []
-    for plan, leaf in zip(self.plans, leaves):
-      if plan is None:
-        stats.append(None)
-      else:
-        stats.append(stat(leaf, plan))
-    return stats
+  def _leaf_stats(self, leaves: list[Any], stat: Callable,
+                  chosen: list[bool] | None = None) -> list[jax.Array | None]:
+    """`stat(leaf, plan)` of every grouped leaf (of those `chosen`, if given), else `None`."""
+    chosen = chosen or [plan is not None for plan in self.plans]
+    return [stat(leaf, plan) if is_chosen else None
+            for plan, leaf, is_chosen in zip(self.plans, leaves, chosen)]
 
   def _groups(self, container: NormContainer) -> tuple[jax.Array, ...]:
     """The container's array per group (a vector container split, see `_split`)."""
@@ -205,8 +203,10 @@ class Partition:
     # Inside shard_map/pmap every device holds a slice of each leaf: combine the pieces.
     return values if self.axis_name is None else reduce(values, self.axis_name)
 
-  def _group_sums(self, leaves: list[Any], leaf_sum: Callable) -> tuple[jax.Array, ...]:
-    return tuple(self._partial_sums(self._leaf_stats(leaves, leaf_sum)))
+  def _group_sums(self, leaves: list[Any], leaf_sum: Callable,
+                  chosen: list[bool] | None = None) -> tuple[jax.Array | None, ...]:
+    """Per group, the sum of `leaf_sum` over its leaves (those `chosen`, if given)."""
+    return tuple(self._partial_sums(self._leaf_stats(leaves, leaf_sum, chosen)))
 
   def _partial_sums(self, per_leaf: list[jax.Array | None]) -> list[jax.Array | None]:
     """Per group, the sum of the leaf statistics given (`None` for a group given none),
@@ -313,10 +313,6 @@ class Partition:
              for is_looped, leaf in zip(looped, leaves)]
     small = [is_looped and not is_large for is_looped, is_large in zip(looped, large)]
 
-    def group_sums(which, leaf_sum):  # per group, the sum of `leaf_sum` over the leaves chosen
-      return tuple(self._partial_sums([leaf_sum(leaf, plan) if chosen else None
-                                       for plan, leaf, chosen in zip(self.plans, leaves, which)]))
-
     # Leaves of one group with equal shapes (a Transformer's blocks at scope "global") would
     # share one broadcast of the group's scale, written out (`_tree.unmerged`).
     def scaled_sums(which, scales):
@@ -327,7 +323,7 @@ class Partition:
 
       def leaf_sum(leaf, plan):  # called once per chosen leaf, in order
         return _square_sum(_times(leaf, next(leaf_scales), plan.kept_axes), plan)
-      return group_sums(which, leaf_sum)
+      return self._group_sums(leaves, leaf_sum, which)
 
     def joined(*sums):  # per group, the sum of the partial sums given (`None`: none)
       return tuple(_tree.sum_arrays([sq for sq in parts if sq is not None])
@@ -353,8 +349,9 @@ class Partition:
       # The first pass starts from squares of one, so only a sum that overflowed is downscaled.
       scales = map_groups(lambda sq, scale: jax.lax.select(
           _overflowed(sq), jax.lax.full_like(scale, _OVERFLOW_SCALE), scale), squares, scales)
-      large_sums = jax.lax.cond(passes == 0, lambda _: group_sums(large, _square_sum),
-                                functools.partial(scaled_sums, large), scales)
+      large_sums = jax.lax.cond(
+          passes == 0, lambda _: self._group_sums(leaves, _square_sum, large),
+          functools.partial(scaled_sums, large), scales)
       squares = joined(scaled_sums(small, scales), large_sums, paired_squares(scales))
       return passes + 1, scales, squares, _tree.all_finite(squares)
 
@@ -362,7 +359,7 @@ class Partition:
     # units splits its unit norms) and varying mesh axes (inside shard_map) included. The ones
     # that start it take their type from sums over the same axes, which XLA drops unused.
     ones = tuple(jax.lax.full_like(total, 1.0)
-                 for total in joined(group_sums(looped, _square_sum), plain))
+                 for total in joined(self._group_sums(leaves, _square_sum, looped), plain))
     _, scales, squares, finite = jax.lax.while_loop(
         another_pass, one_pass, (0, ones, ones, _tree.all_finite(ones)))
     return squares, scales, finite
@@ -659,7 +656,7 @@ class Grouping:
       plans.append(_LeafPlan(
           group=labels[label],
           reduce_axes=tuple(axis for axis in range(leaf.ndim) if axis not in kept),
-          kept_axes=tuple(kept)))
+          kept_axes=kept))
     return Partition(treedef, plans, group_shapes, list(labels), self.axis_name,
                      group_arrays=group_arrays or self.scope == "unit", complete=complete)
 
