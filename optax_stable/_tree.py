@@ -52,6 +52,32 @@ def unmerged(values: list[jax.Array], keys: list[Any]) -> list[jax.Array]:
   return [next(copies) if repeat else value for value, repeat in zip(values, repeats)]
 
 
+def ordered_after(tree: Any, dependency: jax.Array) -> Any:
+  """`tree` unchanged, bit for bit, as arrays that XLA computes only after `dependency`.
+
+  A transform that reads a buffer which the train step then overwrites in place (donated
+  params, which `apply_updates` writes) must read it before that write. When nothing the
+  write uses depends on the read, XLA's copy insertion cannot order the two and copies the
+  whole buffer first: `chain(monitor(), adam)` copied every param (+2 param bytes a step).
+  XOR-ing the bits of every float leaf with a zero computed from `dependency` makes the
+  updates, and so the write, depend on the read, for one integer op fused into their
+  consumers. Integer ops keep every bit (a float `x - 0.0` lost bfloat16 subnormals to XLA
+  CPU's flush to zero), and XLA cannot fold this zero: it does not know that a 0-or-1 value
+  shifted right by one is 0.
+  """
+  zero = jax.lax.shift_right_logical(jnp.isnan(jnp.sum(dependency)).astype(jnp.uint32),
+                                     jnp.uint32(1))
+
+  def ordered(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return x
+    bits = jnp.dtype(f"uint{8 * x.dtype.itemsize}")
+    return jax.lax.bitcast_convert_type(
+        jax.lax.bitcast_convert_type(x, bits) ^ zero.astype(bits), x.dtype)
+
+  return jax.tree.map(ordered, tree)
+
+
 def sum_arrays(arrays: list[jax.Array]) -> jax.Array:
   """The elementwise sum of equally shaped arrays, compiled fast whatever their number.
 

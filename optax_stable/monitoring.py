@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_stable import _tree
 from optax_stable import _validation
 from optax_stable import paths
 from optax_stable import scopes
@@ -176,6 +177,7 @@ def monitor(*, scope: scopes.Scope = "layer", stacked: scopes.Stacked = None,
         raise ValueError("`monitor(what=(..., 'param'))` needs the params: call "
                          "`update(updates, state, params)`.")
       param_norms = scopes.flat(partition_of(params).plain_norms(params))
+      updates = _tree.ordered_after(updates, param_norms)
     recorded = grad_norms if "grad" in what else param_norms
     nonfinite = ~jnp.isfinite(recorded)
     recording = state.first_nonfinite_step < 0

@@ -56,13 +56,12 @@ def _ema(decay: Any, average: jax.Array, value: jax.Array) -> jax.Array:
                      jax.lax.mul(_like(1 - decay, average), value))
 
 
-def _adam_step(m: jax.Array, v: jax.Array, grad: jax.Array, square: jax.Array, b1: Any, b2: Any,
-               eps: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Adam's uncorrected direction `m / (sqrt(v) + eps)` and moments after `grad` (in the
-  moments' dtype), whose square is `square`."""
+def _adam_step(m: jax.Array, v: jax.Array, grad: jax.Array, b1: Any,
+               eps: Any) -> tuple[jax.Array, jax.Array]:
+  """Adam's uncorrected direction `m / (sqrt(v) + eps)` and first moment after `grad` (in the
+  moments' dtype), given the second moment `v` after it."""
   m = jax.lax.add(m, jax.lax.mul(_like(1 - b1, m), jax.lax.sub(grad, m)))
-  v = _ema(b2, v, square)
-  return jax.lax.div(m, jax.lax.add(jax.lax.sqrt(v), _like(eps, v))), m, v
+  return jax.lax.div(m, jax.lax.add(jax.lax.sqrt(v), _like(eps, v))), m
 
 
 def _restarted(moment: jax.Array, restart: jax.Array) -> jax.Array:
@@ -70,29 +69,46 @@ def _restarted(moment: jax.Array, restart: jax.Array) -> jax.Array:
   return jax.lax.select(restart, jax.lax.full_like(moment, 0), moment)
 
 
-def _clip_spikes(grad: jax.Array, second_moment: jax.Array, threshold: Any,
-                 active: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """`grad`, in the moment's dtype, with every entry whose square exceeds `threshold` times
-  its `second_moment` set to `sign(g) * sqrt(threshold * v)`; its square; the count of such
-  entries.
-
-  The square of a clipped entry is `threshold * v` itself, not the square of its root: a
-  caller that does not write the clipped gradient out (`scale_by_spam`) leaves the `sqrt`
-  one consumer, so XLA computes it inside that kernel; with two it wrote
-  `sqrt(threshold * v)` out as a parameter-sized buffer of its own.
-  The count is a float32 scalar. XLA CPU writes out the indicator it reduces: as uint8 it
-  costs a quarter of int32's bytes (spike_clip alone 10.0x -> 8.5x param bytes). Exact up to
-  2**24 clipped entries per leaf, beyond that within float32 rounding.
-  """
-  wide = jax.lax.convert_element_type(grad, second_moment.dtype)
+def _clipped_moment(wide: jax.Array, second_moment: jax.Array, threshold: Any, decay: Any,
+                    active: jax.Array) -> jax.Array:
+  """The EMA `second_moment` after the gradient `wide` (in the moment's dtype) clipped: where
+  `active`, every square above `threshold` times `second_moment` counts as that limit."""
   square = jax.lax.mul(wide, wide)
   limit = jax.lax.mul(_like(threshold, second_moment), second_moment)
   spikes = jax.lax.bitwise_and(active, jax.lax.gt(square, limit))
+  return _ema(decay, second_moment, jax.lax.select(spikes, limit, square))
+
+
+def _clip_spikes(wide: jax.Array, new_moment: jax.Array, threshold: Any, decay: Any,
+                 active: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`wide` (the gradient in the moment's dtype) with every entry whose square exceeds
+  `threshold` times the second moment `v` set to `sign(g) * sqrt(threshold * v)`, and the count
+  of such entries; both read from `new_moment`, the moment after this step
+  (`_clipped_moment`), not from `v`.
+
+  A clipped entry makes `new_moment = k * v` with `k = decay + (1 - decay) * threshold`, a
+  kept one `new_moment = decay * v + (1 - decay) * g**2 >= k * g**2 / threshold`: so `g**2 >
+  threshold * v` exactly when `g**2 > threshold / k * new_moment`, and the limit is that
+  product (to rounding: a few ulps). Read from `v`, the clip, the count and the new
+  moment would be three kernels reading the buffer that a donated train step overwrites with
+  the new moment, in no order XLA can see, and XLA copied the whole moment first (+2 param
+  bytes per step); read from the new moment they follow the kernel that writes it.
+
+  The count is a float32 scalar. XLA CPU writes out the indicator it reduces: as uint8 it
+  costs a quarter of int32's bytes. Exact up to 2**24 clipped entries per leaf, beyond that
+  within float32 rounding.
+  """
+  square = jax.lax.mul(wide, wide)
+  # Traced division: a threshold of 0 with a decay of 0 (SPAM with clipping off) gives NaN,
+  # which no square exceeds, instead of a Python ZeroDivisionError.
+  ratio = jax.lax.div(_like(threshold, new_moment),
+                      _like(decay + (1 - decay) * threshold, new_moment))
+  limit = jax.lax.mul(ratio, new_moment)
+  spikes = jax.lax.bitwise_and(active, jax.lax.gt(square, limit))
   indicator = jax.lax.convert_element_type(spikes, jnp.uint8)
   return (jax.lax.select(spikes, jax.lax.mul(jax.lax.sign(wide), jax.lax.sqrt(limit)), wide),
-          jax.lax.select(spikes, limit, square),
           jax.lax.reduce(jax.lax.convert_element_type(indicator, jnp.float32), np.float32(0),
-                         jax.lax.add, tuple(range(grad.ndim))))
+                         jax.lax.add, tuple(range(wide.ndim))))
 
 
 def _fraction(counts: list[jax.Array], size: int) -> jax.Array:
@@ -179,11 +195,11 @@ def spike_clip(threshold: float | jax.Array = 5000.0, *, decay: float | jax.Arra
         new_leaves.append(g)
         moments.append(v)
         continue
-      v = _restarted(v, restart)
-      wide, _, spike_count = _clip_spikes(g, v, threshold, active)
+      wide = jax.lax.convert_element_type(g, v.dtype)
+      v = _clipped_moment(wide, _restarted(v, restart), threshold, decay, active)
+      wide, spike_count = _clip_spikes(wide, v, threshold, decay, active)
       new_leaves.append(jax.lax.convert_element_type(wide, g.dtype))
-      # The clipped gradient is written out (it is the update): its square costs no kernel.
-      moments.append(_ema(decay, v, jax.lax.mul(wide, wide)))
+      moments.append(v)
       spike_counts.append(spike_count)
       size += g.size
     return treedef.unflatten(new_leaves), SpikeClipState(
@@ -293,7 +309,8 @@ def scale_by_adam_moments(*, b1: float | jax.Array = 0.9, b2: float | jax.Array 
     directions, mus, nus = [], [], []
     for g, m, v in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
       wide = jax.lax.convert_element_type(g, m.dtype)
-      direction, m, v = _adam_step(m, v, wide, jax.lax.mul(wide, wide), b1, b2, eps)
+      v = _ema(b2, v, jax.lax.mul(wide, wide))
+      direction, m = _adam_step(m, v, wide, b1, eps)
       directions.append(jax.lax.convert_element_type(direction, g.dtype))
       mus.append(m)
       nus.append(v)
@@ -386,9 +403,10 @@ def scale_by_spam(threshold: float | jax.Array = 5000.0, *, b1: float | jax.Arra
     leaves, treedef = jax.tree.flatten(updates)
     directions, mus, nus, spike_counts = [], [], [], []
     for g, m, v in zip(leaves, treedef.flatten_up_to(state.mu), treedef.flatten_up_to(state.nu)):
-      m, v = _restarted(m, restart), _restarted(v, restart)
-      wide, square, spike_count = _clip_spikes(g, v, threshold, active)
-      direction, m, v = _adam_step(m, v, wide, square, b1, b2, eps)
+      wide = jax.lax.convert_element_type(g, v.dtype)
+      v = _clipped_moment(wide, _restarted(v, restart), threshold, b2, active)
+      wide, spike_count = _clip_spikes(wide, v, threshold, b2, active)
+      direction, m = _adam_step(_restarted(m, restart), v, wide, b1, eps)
       directions.append(jax.lax.convert_element_type(direction, g.dtype))
       mus.append(m)
       nus.append(v)

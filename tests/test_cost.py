@@ -231,13 +231,16 @@ def test_per_group_state_keeps_the_kernels_of_leaves_alike_identical(make):
     lambda: ostab.skip_nonfinite(_inner("clip_by_global_norm")),
     lambda: ostab.recipes.robust_adamw(1e-3),
     lambda: ostab.dynamic_loss_scale(optax.adam(1e-3)),
+    lambda: optax.chain(ostab.monitor(), optax.adam(1e-3)),
+    lambda: optax.chain(ostab.spike_clip(), optax.adam(1e-3)),
+    lambda: ostab.recipes.spam(1e-3),
 ], ids=["clip+adam", "unit+adam", "agc+adam", "guarded clip+adam", "robust_adamw",
-        "loss_scale(adam)"])
+        "loss_scale(adam)", "monitor+adam", "spike_clip+adam", "spam"])
 def test_a_donated_train_step_updates_in_place(make):
   """Training loops donate the params and the state: XLA then writes them in place, unless a
-  buffer is still read after the kernel that overwrites it may run, where it copies the buffer
-  first (+2 param bytes per step; `monitor(what=("param",))`, `spike_clip` and `accumulate`
-  still do, see BUILD_NOTES)."""
+  buffer is still read by a kernel that it cannot order before the one that overwrites it,
+  where it copies the buffer first (+2 param bytes per step; `accumulate` still does, see
+  BUILD_NOTES). `monitor`'s param norms and `spike_clip`'s moment were such reads."""
   tx = make()
 
   def train_step(params, state, grads):

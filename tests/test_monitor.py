@@ -80,6 +80,24 @@ def test_after_adam_it_sees_the_update_and_passes_everything_through():
                              float(optax.tree.norm(reference)), rtol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_with_the_params_it_passes_every_bit_through(dtype):
+  # The params' norms are ordered before the train step overwrites them by XOR-ing the
+  # updates' bits with a zero computed from them (`_tree.ordered_after`): exact for signed
+  # zeros, NaN, Inf and subnormals (a float `x - 0.0` flushed bfloat16 subnormals to zero),
+  # whatever the params hold; int leaves are left alone.
+  values = jnp.array([-0.0, 0.0, jnp.nan, jnp.inf, -jnp.inf, 1e-40, -3.0], jnp.float32)
+  grads = {"w": values.astype(dtype), "steps": jnp.arange(3)}
+  tx = optax.chain(ostab.monitor(scope="leaf"), optax.identity())
+  for param in (1.0, jnp.nan, jnp.inf):
+    params = {"w": jnp.full(values.shape, param, dtype), "steps": jnp.zeros(3, jnp.int32)}
+    updates, _ = jax.jit(tx.update)(grads, tx.init(params), params)
+    bits = lambda tree: jax.tree.map(
+        lambda x: np.asarray(jax.lax.bitcast_convert_type(
+            x, jnp.int16 if x.dtype.itemsize == 2 else jnp.int32)), tree)
+    jax.tree.map(np.testing.assert_array_equal, bits(updates), bits(grads))
+
+
 def test_params_alone_are_recorded_and_reported():
   tx = ostab.monitor(what=("param",), scope="global", history=2)
   _, state = tx.update(PARAMS, tx.init(PARAMS), PARAMS)
