@@ -138,8 +138,10 @@ def cast_like(new: Any, old: Any) -> Any:
 
 
 def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], updates: Any,
-                   state: Any) -> tuple[Any, Any]:
-  """`update(state)` when `run`, else zero updates and `state` untouched: the wrappers' step.
+                   state: Any) -> tuple[Any, Any, jax.Array]:
+  """`update(state)` when `run`, else zero updates and `state` untouched: the wrappers' step;
+  and a float32 scalar that the conditional computes (1 when `update` ran, else 0), which
+  `ordered_after` orders after everything the conditional reads.
 
   A `lax.cond`, not a `where` over both results: `run` (`accumulate`'s "final micro-step with
   a finite gradient") is not one opaque value, and XLA CPU copies such a predicate into every
@@ -152,11 +154,12 @@ def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], upd
   """
   def step(state):
     new_updates, new_state = update(state)
-    return new_updates, cast_like(new_state, state)
+    return new_updates, cast_like(new_state, state), jnp.float32(1)
 
   def keep(state):
     dtypes = jax.eval_shape(step, state)[0]
-    return jax.tree.map(lambda u, d: jnp.zeros_like(u, d.dtype), updates, dtypes), state
+    zeros = jax.tree.map(lambda u, d: jnp.zeros_like(u, d.dtype), updates, dtypes)
+    return zeros, state, jnp.float32(0)
 
   return jax.lax.cond(run, step, keep, state)
 

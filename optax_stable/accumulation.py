@@ -157,11 +157,13 @@ def accumulate(inner: optax.GradientTransformation, every_k: int | Schedule, *,
       kwargs = extra_args if value is None else {**extra_args, "value": value_sum / finite_count}
       return inner.update(mean, inner_state, params, **kwargs)
 
-    new_updates, inner_state = _tree.update_or_keep(step_now, real_step, updates,
-                                                    state.inner_state)
-    accumulator = jax.tree.map(
+    new_updates, inner_state, ran = _tree.update_or_keep(step_now, real_step, updates,
+                                                         state.inner_state)
+    # Written in place when the state is donated: after the conditional, which reads the old
+    # sums (XLA copied the whole accumulator first when nothing ordered the two).
+    accumulator = _tree.ordered_after(jax.tree.map(
         lambda total, g: jnp.where(final, jnp.zeros_like(total), added(total, g)),
-        state.accumulator, updates)
+        state.accumulator, updates), ran)
     zero = jnp.zeros((), jnp.int32)
     return new_updates, AccumulateState(
         micro_step=jnp.where(final, zero, micro_step),

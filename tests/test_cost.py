@@ -234,13 +234,16 @@ def test_per_group_state_keeps_the_kernels_of_leaves_alike_identical(make):
     lambda: optax.chain(ostab.monitor(), optax.adam(1e-3)),
     lambda: optax.chain(ostab.spike_clip(), optax.adam(1e-3)),
     lambda: ostab.recipes.spam(1e-3),
+    lambda: ostab.accumulate(optax.adam(1e-3), 4),
 ], ids=["clip+adam", "unit+adam", "agc+adam", "guarded clip+adam", "robust_adamw",
-        "loss_scale(adam)", "monitor+adam", "spike_clip+adam", "spam"])
+        "loss_scale(adam)", "monitor+adam", "spike_clip+adam", "spam", "accumulate"])
 def test_a_donated_train_step_updates_in_place(make):
   """Training loops donate the params and the state: XLA then writes them in place, unless a
-  buffer is still read by a kernel that it cannot order before the one that overwrites it,
-  where it copies the buffer first (+2 param bytes per step; `accumulate` still does, see
-  BUILD_NOTES). `monitor`'s param norms and `spike_clip`'s moment were such reads."""
+  donated buffer is still read by a kernel that it cannot order before the one that
+  overwrites it, where it copies the buffer first (+2 param bytes per step). `monitor`'s param
+  norms, `spike_clip`'s moment and `accumulate`'s sums were such reads (see
+  `_tree.ordered_after`). Other copies are not this test's concern: `accumulate`'s skipped
+  steps write one zero update and copy it for the other leaves of its shape."""
   tx = make()
 
   def train_step(params, state, grads):
@@ -251,4 +254,7 @@ def test_a_donated_train_step_updates_in_place(make):
   program = jax.jit(train_step, donate_argnums=(0, 1)).lower(
       jax.tree.map(jnp.copy, _PARAMS), state, _PARAMS).compile().as_text()
   assert "input_output_alias" in program
-  assert not re.findall(r"= f32\[2048,64\]\S* copy\(", program)
+  entry = program[program.index("\nENTRY"):]
+  arguments = set(re.findall(r"%(\S+) = \S+ parameter\(", entry))
+  copied = re.findall(r"= f32\[2048,64\]\S* copy\(%([^)]+)\)", entry)
+  assert arguments and not arguments.intersection(copied)
