@@ -28,19 +28,25 @@ def _numpy_spam(grads, threshold, b1, b2, eps, warmup_steps, reset_every_k=None)
   return out
 
 
-def _spiky_grads(dtype, seed=0):
+# Small leaves are clipped against the old second moment, large ones (above
+# `spam._MOMENT_FIRST_SIZE` elements) against the new one.
+SHAPES = [(4, 3), (80, 60)]
+
+
+def _spiky_grads(dtype, seed=0, shape=(4, 3)):
   rng = np.random.default_rng(seed)
-  grads = [rng.normal(size=(4, 3)) * (30.0 if rng.uniform() < 0.2 else 1.0) for _ in range(40)]
+  grads = [rng.normal(size=shape) * (30.0 if rng.uniform() < 0.2 else 1.0) for _ in range(40)]
   return [np.asarray(jnp.asarray(g, dtype), np.float64) for g in grads]  # representable
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reset_every_k", [None, 15])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_spike_clip_matches_the_rule(reset_every_k, dtype):
-  grads = _spiky_grads(dtype)
+def test_spike_clip_matches_the_rule(reset_every_k, dtype, shape):
+  grads = _spiky_grads(dtype, shape=shape)
   expected = [clipped for clipped, _ in _numpy_spam(grads, 10.0, 0.0, 0.9, 0.0, 5, reset_every_k)]
   tx = ostab.spike_clip(10.0, decay=0.9, warmup_steps=5, reset_every_k=reset_every_k)
-  state, update = tx.init(jnp.zeros((4, 3), dtype)), jax.jit(tx.update)
+  state, update = tx.init(jnp.zeros(shape, dtype)), jax.jit(tx.update)
   clipped_steps = 0
   for g, e in zip(grads, expected):
     out, state = update(jnp.asarray(g, dtype), state)
@@ -51,13 +57,14 @@ def test_spike_clip_matches_the_rule(reset_every_k, dtype):
   assert clipped_steps > 0
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("reset_every_k", [None, 15])
-def test_scale_by_spam_matches_the_rule(reset_every_k):
-  grads = _spiky_grads(jnp.float32, seed=1)
+def test_scale_by_spam_matches_the_rule(reset_every_k, shape):
+  grads = _spiky_grads(jnp.float32, seed=1, shape=shape)
   expected = _numpy_spam(grads, 10.0, 0.8, 0.9, 1e-6, 5, reset_every_k)
   tx = ostab.scale_by_spam(10.0, b1=0.8, b2=0.9, eps=1e-6, warmup_steps=5,
                            reset_every_k=reset_every_k)
-  state, update = tx.init(jnp.zeros((4, 3))), jax.jit(tx.update)
+  state, update = tx.init(jnp.zeros(shape)), jax.jit(tx.update)
   clipped_steps = 0
   for g, (clipped, direction) in zip(grads, expected):
     out, state = update(jnp.asarray(g, jnp.float32), state)
@@ -69,16 +76,17 @@ def test_scale_by_spam_matches_the_rule(reset_every_k):
   assert clipped_steps > 0
 
 
+@pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_scale_by_spam_is_spike_clip_then_reset_moments_with_one_second_moment(dtype):
-  grads = _spiky_grads(dtype, seed=2)
+def test_scale_by_spam_is_spike_clip_then_reset_moments_with_one_second_moment(dtype, shape):
+  grads = _spiky_grads(dtype, seed=2, shape=shape)
   settings = {"warmup_steps": 5, "reset_every_k": 15}
   fused = ostab.scale_by_spam(10.0, b1=0.8, b2=0.9, eps=1e-6, **settings)
   chained = optax.chain(
       ostab.spike_clip(10.0, decay=0.9, **settings),
       ostab.periodic_reset(ostab.scale_by_adam_moments(b1=0.8, b2=0.9, eps=1e-6),
                            settings["reset_every_k"]))
-  states = [tx.init(jnp.zeros((4, 3), dtype)) for tx in (fused, chained)]
+  states = [tx.init(jnp.zeros(shape, dtype)) for tx in (fused, chained)]
   updates = [jax.jit(tx.update) for tx in (fused, chained)]
   for g in grads:
     outs = []
