@@ -140,8 +140,8 @@ def cast_like(new: Any, old: Any) -> Any:
 def update_or_keep(run: jax.Array, update: Callable[[Any], tuple[Any, Any]], updates: Any,
                    state: Any) -> tuple[Any, Any, jax.Array]:
   """`update(state)` when `run`, else zero updates and `state` untouched: the wrappers' step;
-  and a float32 scalar that the conditional computes (1 when `update` ran, else 0), which
-  `ordered_after` orders after everything the conditional reads.
+  and a float32 scalar that the conditional computes (1 when `update` ran, else 0): values
+  made to depend on it with `ordered_after` are computed after all the conditional reads.
 
   A `lax.cond`, not a `where` over both results: `run` (`accumulate`'s "final micro-step with
   a finite gradient") is not one opaque value, and XLA CPU copies such a predicate into every

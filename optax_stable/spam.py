@@ -71,7 +71,7 @@ def _restarted(moment: jax.Array, restart: jax.Array) -> jax.Array:
 
 def _limit_ratio(threshold: Any, decay: Any) -> Any:
   """`threshold / k`, `k = decay + (1 - decay) * threshold`: the ratio of the clipping limit to
-  the new second moment (see `_spike_step`); 0 when `k` is (no threshold, no decay)."""
+  the new second moment (see `_spike_step`); 0 when `k` is 0 (no threshold and no decay)."""
   k = decay + (1 - decay) * threshold
   if isinstance(k, (int, float)):
     return threshold / k if k else 0.0
