@@ -89,10 +89,11 @@ def _clipped_moment(square: jax.Array, second_moment: jax.Array, threshold: Any,
 
 
 def _clip_spikes(wide: jax.Array, square: jax.Array, moment: jax.Array, ratio: Any,
-                 active: jax.Array) -> tuple[jax.Array, jax.Array]:
+                 active: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`wide` (the gradient in the moment's dtype, whose square is `square`) with every entry
   whose square exceeds `ratio * moment` set to `sign(g) * sqrt(ratio * moment)`, where
-  `active`; and the count of such entries.
+  `active`; its square, with the limit itself for a clipped entry; and the count of such
+  entries.
 
   The count is a float32 scalar. XLA CPU writes out the indicator it reduces: as uint8 it
   costs a quarter of int32's bytes. Exact up to 2**24 clipped entries per leaf, beyond that
@@ -102,6 +103,7 @@ def _clip_spikes(wide: jax.Array, square: jax.Array, moment: jax.Array, ratio: A
   spikes = jax.lax.bitwise_and(active, jax.lax.gt(square, limit))
   indicator = jax.lax.convert_element_type(spikes, jnp.uint8)
   return (jax.lax.select(spikes, jax.lax.mul(jax.lax.sign(wide), jax.lax.sqrt(limit)), wide),
+          jax.lax.select(spikes, limit, square),
           jax.lax.reduce(jax.lax.convert_element_type(indicator, jnp.float32), np.float32(0),
                          jax.lax.add, tuple(range(wide.ndim))))
 
@@ -135,12 +137,12 @@ def _spike_step(wide: jax.Array, moment: jax.Array, threshold: Any, decay: Any, 
   square = jax.lax.mul(wide, wide)
   if wide.size > _MOMENT_FIRST_SIZE:
     moment = _clipped_moment(square, moment, threshold, decay, active)
-    clipped, count = _clip_spikes(wide, square, moment, ratio, active)
+    clipped, _, count = _clip_spikes(wide, square, moment, ratio, active)
     return clipped, count, moment
-  clipped, count = _clip_spikes(wide, square, moment, threshold, active)
+  clipped, clipped_square, count = _clip_spikes(wide, square, moment, threshold, active)
   if moment_of_clipped:
-    return clipped, count, _ema(decay, moment, jax.lax.mul(clipped, clipped))
-  return clipped, count, _clipped_moment(square, moment, threshold, decay, active)
+    clipped_square = jax.lax.mul(clipped, clipped)
+  return clipped, count, _ema(decay, moment, clipped_square)
 
 
 def _fraction(counts: list[jax.Array], size: int) -> jax.Array:
