@@ -97,11 +97,7 @@ class Compiled:
   @classmethod
   def build(cls, tx: Any, params: Any, grads: Any) -> "Compiled":
     state = tx.init(params)
-    start = time.perf_counter()
-    lowered = jax.jit(tx.update).lower(grads, state, params)
-    traced = time.perf_counter()
-    compiled = lowered.compile()
-    done = time.perf_counter()
+    compiled, trace_s, compile_s = _compile(tx, grads, state, params)
     memory = compiled.memory_analysis()
     state_bytes = tree_bytes(state)
     # Every input read once and every output written once: grads, state in and out, the
@@ -109,10 +105,38 @@ class Compiled:
     floor = 2 * tree_bytes(grads) + 2 * state_bytes
     if _needs_params(tx, grads, state):
       floor += tree_bytes(params)
-    return cls(tx=tx, run=compiled, state=state, trace_s=traced - start,
-               compile_s=done - traced, bytes_accessed=bytes_accessed(compiled),
+    return cls(tx=tx, run=compiled, state=state, trace_s=trace_s,
+               compile_s=compile_s, bytes_accessed=bytes_accessed(compiled),
                floor_bytes=floor, temp_bytes=int(memory.temp_size_in_bytes),
                argument_bytes=int(memory.argument_size_in_bytes), state_bytes=state_bytes)
+
+
+def _compile(tx: Any, grads: Any, state: Any, params: Any) -> tuple[Any, float, float]:
+  """`jit(tx.update)` lowered and compiled afresh: the executable, trace and compile seconds."""
+  start = time.perf_counter()
+  lowered = jax.jit(tx.update).lower(grads, state, params)
+  traced = time.perf_counter()
+  compiled = lowered.compile()
+  return compiled, traced - start, time.perf_counter() - traced
+
+
+def median_compile_seconds(built: dict[str, Compiled], makers: dict[str, Callable[[], Any]],
+                           params: Any, grads: Any,
+                           repeats: int) -> dict[str, tuple[float, float]]:
+  """Trace and compile seconds of each built program: of its median of `repeats` compilations.
+
+  The build's own figures count as the first; each other one makes the transformation afresh
+  (`makers[name]()`: JAX caches the traces and executables of a function it has seen) and
+  compiles the programs in turn, so that a slow minute of a shared machine hits all of them
+  alike (a single compile of a 1,000-leaf tree drifts by up to a third between runs). The pair
+  returned is the one whose sum is the median (the upper one of an even count).
+  """
+  seconds = {name: [(c.trace_s, c.compile_s)] for name, c in built.items()}
+  for _ in range(repeats - 1):
+    for name, make in makers.items():
+      tx = make()
+      seconds[name].append(_compile(tx, grads, tx.init(params), params)[1:])
+  return {name: sorted(pairs, key=sum)[len(pairs) // 2] for name, pairs in seconds.items()}
 
 
 def interleaved_times(steps: dict[str, Callable[[int], None]], repeats: int,
