@@ -554,7 +554,8 @@ def main():
   if "compile" in args.sections:
     print("compile time", flush=True)
     results["compile"] = compile_table(args.compile_leaves, compile_repeats, args.only)
-    save()
+    if args.only is None:  # an --only run's rows are merged into the file at the end
+      save()
   if "microbatch" in args.sections:
     results["microbatch"] = microbatch_table(batch=4096, hidden=512)
   if args.only is not None and previous:
