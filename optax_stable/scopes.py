@@ -35,7 +35,8 @@ sum of squares that overflows float32 (elements above ~1e19): such a group is me
 sum of squares downscaled by 2**-80. Off XLA CPU, one reduction gives every leaf's plain and
 downscaled sums. XLA CPU does not vectorise that reduction, so it gets it only for the small
 leaves of a partition with several groups; the other leaves are summed by a loop that a normal
-step runs once, and again, downscaled, where a group overflowed.
+step runs once, and again, downscaled, where a group overflowed. The choice is made for the
+platform the step is lowered for (`jax.lax.platform_dependent`).
 """
 
 from collections.abc import Callable, Mapping, Sequence
@@ -265,9 +266,25 @@ class Partition:
       with `stacked`, the list of stacked norms third.
     """
     leaves = self._leaves(tree, what)
-    # Small leaves (every leaf off XLA CPU) get both sums from one read, without the loop.
-    limit = _paired_size(len(self.group_shapes))
-    paired = [plan is not None and leaf.size <= limit for plan, leaf in zip(self.plans, leaves)]
+    measured = functools.partial(self._measured, leaves, stacked)
+    # The formulation is chosen per platform when the program is lowered, not from
+    # `jax.default_backend()` while tracing: a step lowered for a GPU on a host whose default
+    # is the CPU (`jax.export`, ahead-of-time compilation) would otherwise carry the loop,
+    # a host synchronisation per step there. The branch not lowered costs only its tracing.
+    cpu_limit = _cpu_paired_size(len(self.group_shapes))
+    if all(leaf.size <= cpu_limit for plan, leaf in zip(self.plans, leaves) if plan is not None):
+      norms, finite, stacks = measured(math.inf)
+    else:
+      norms, finite, stacks = jax.lax.platform_dependent(
+          cpu=lambda: measured(cpu_limit), default=lambda: measured(math.inf))
+    return (norms, finite, stacks) if stacked else (norms, finite)
+
+  def _measured(self, leaves: list[Any], stacked: bool, paired_size: float
+                ) -> tuple[Any, jax.Array, list[jax.Array] | None]:
+    """`norms`' results (stacked norms, or None), with the leaves of at most `paired_size`
+    elements paired and the rest summed in the overflow loop."""
+    paired = [plan is not None and leaf.size <= paired_size
+              for plan, leaf in zip(self.plans, leaves)]
     overflow_scale = jax.lax.optimization_barrier(np.float32(_OVERFLOW_SCALE))
     pairs = [_plain_and_downscaled_squares(leaf, plan.reduce_axes, overflow_scale) if is_paired
              else None for plan, leaf, is_paired in zip(self.plans, leaves, paired)]
@@ -289,9 +306,7 @@ class Partition:
     # group's norm became a kernel of its own feeding the join (`autoclip(scope="leaf")` on
     # 1,000 small leaves compiled in 79 s instead of 14 s).
     norms = map_groups(norm_of, *sums) if self.group_arrays else norm_of(*stacks[0])
-    if not stacked:
-      return norms, finite
-    return norms, finite, [norm_of(*stack) for stack in stacks]
+    return norms, finite, [norm_of(*stack) for stack in stacks] if stacked else None
 
   def _loop(self, leaves: list[Any], paired: list[bool], plain: list[jax.Array | None],
             downscaled: list[jax.Array | None]
@@ -455,11 +470,9 @@ _OVERFLOW_SCALE = 2.0 ** -80
 _CPU_PAIRED_SIZE = 4096
 
 
-def _paired_size(groups: int) -> float:
-  """The most elements of a leaf that `Partition.norms` pairs, in a partition of `groups`
-  groups (labels)."""
-  if jax.default_backend() != "cpu":
-    return math.inf
+def _cpu_paired_size(groups: int) -> float:
+  """The most elements of a leaf that `Partition.norms` pairs on XLA CPU, in a partition of
+  `groups` groups (labels)."""
   return _CPU_PAIRED_SIZE if groups > 1 else 0
 
 

@@ -106,7 +106,7 @@ def test_float16_gradient_of_300_is_clipped_not_zeroed():
   assert ours["w"].dtype == jnp.float16
 
 
-# The norm pass's formulations (`scopes._paired_size`, and the leaf size above which a looped
+# The norm pass's formulations (`scopes._cpu_paired_size`, and the leaf size above which a looped
 # leaf's first pass sums plain squares): every leaf through the overflow loop (XLA CPU), small
 # and large looped leaves in one group (leaves of up to 8 elements small: this file's biases),
 # every leaf's two sums from one reduction (other backends), and paired and looped leaves in
@@ -119,7 +119,7 @@ _NORM_PASSES = {"loop": (lambda groups: 0, 4096), "loop_large": (lambda groups: 
 def norm_pass(request, monkeypatch):
   """Runs a test under each formulation; the test must build and jit its transforms itself."""
   paired_size, large_size = _NORM_PASSES[request.param]
-  monkeypatch.setattr(ostab.scopes, "_paired_size", paired_size)
+  monkeypatch.setattr(ostab.scopes, "_cpu_paired_size", paired_size)
   monkeypatch.setattr(ostab.scopes, "_CPU_PAIRED_SIZE", large_size)
 
 
